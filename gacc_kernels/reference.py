@@ -1,0 +1,62 @@
+"""Pure-PyTorch reference ops: the spec that the Triton kernels and the C++/CUDA extension follow.
+
+Every op works in fp32 with one rounding per arithmetic step, in this order (no fused multiply-add):
+    accumulate:  t = fp32(w) * fp32(g);  out = t if store else out + t
+    finalize:    v = buf * s;  buf = v;  out = cast(v);  found_inf = 1 if any(!isfinite(v));
+                 sum(norm_partials) = sum(v * v)
+    scale:       v = buf * s;  buf = v;  out = cast(v)
+Buffers are fp32 and contiguous; grads are fp32, bf16 or fp16 and contiguous; `s` is a
+1-element fp32 tensor on the buffer's device, so no host sync is needed to read it.
+"""
+from __future__ import annotations
+
+import torch
+
+GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+OUT_DTYPES = GRAD_DTYPES
+
+
+def norm_partials_size(numel: int) -> int:
+    """How many partial sums finalize writes for a buffer of `numel` elements (one per block)."""
+    return max(1, min(1024, -(-numel // 16384)))
+
+
+def accumulate_ref(out: torch.Tensor, grad: torch.Tensor, weight: float, store: bool) -> None:
+    """out = w * float(grad) (store) or out += w * float(grad); out is fp32 with grad's numel."""
+    t = grad.reshape(-1).float() * torch.tensor(weight, dtype=torch.float32)
+    if store:
+        out.view(-1).copy_(t)
+    else:
+        out.view(-1).add_(t)
+
+
+def accumulate_many_ref(
+    buf: torch.Tensor, grads: list[torch.Tensor], offsets: list[int], store: list[bool], weight: float
+) -> None:
+    """accumulate_ref of each grads[i] into buf[offsets[i] : offsets[i] + grads[i].numel()]."""
+    for g, off, st in zip(grads, offsets, store):
+        accumulate_ref(buf[off : off + g.numel()], g, weight, st)
+
+
+def finalize_ref(
+    buf: torch.Tensor,
+    scale: torch.Tensor,
+    found_inf: torch.Tensor,
+    norm_partials: torch.Tensor,
+    out: torch.Tensor | None = None,
+) -> None:
+    """buf *= scale in place; flag non-finite values in found_inf; squared norm into norm_partials."""
+    buf.mul_(scale.float().reshape(()))
+    if not torch.isfinite(buf).all():
+        found_inf.fill_(1.0)
+    norm_partials.zero_()
+    norm_partials[0] = buf.square().sum()
+    if out is not None:
+        out.view(-1).copy_(buf.view(-1))
+
+
+def scale_ref(buf: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None) -> None:
+    """buf *= scale in place (clipping by a device-side coefficient); optionally cast into out."""
+    buf.mul_(scale.float().reshape(()))
+    if out is not None:
+        out.view(-1).copy_(buf.view(-1))
