@@ -384,8 +384,9 @@ class GradAccumulator:
         coef = (float(max_norm) / (total + 1e-6)).clamp(max=1.0).reshape(1)
         for space in self._spaces:
             c = coef.to(space.device)
-            for (dtype, b, e), out in zip(space.segments, space.outs):
+            for (dtype, b, e), out, partials in zip(space.segments, space.outs, space.partials):
                 ops.scale_(space.buf[b:e], c, out)
+                partials.mul_(c.square())  # total_norm() stays the norm of what p.grad holds
         return total
 
     # -- checkpointing and removal ------------------------------------------------------------------
