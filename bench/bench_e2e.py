@@ -1,0 +1,146 @@
+"""End to end: K=8 micro-steps of a bf16 LlamaForCausalLM (random weights) per optimizer step.
+
+Times forward + backward + gradient handling per optimizer step (the optimizer update itself is the
+same for every variant and left out), peak memory, and the error of the gradient the optimizer gets
+against a float64 accumulation of the same micro-step gradients. Variants as in bench_hooks.py.
+
+    python bench/bench_e2e.py [--out bench/results] [--layers 16]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+import gacc_kernels
+from bench_hooks import Megatron
+from common import events_ms, stamp, table
+
+K = 8
+
+
+def build(layers: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=1536, intermediate_size=6144, num_hidden_layers=layers,
+                      num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=1024,
+                      tie_word_embeddings=False, attn_implementation="eager")
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).to(device="cuda", dtype=torch.bfloat16)
+
+
+def micro_batches(micro: int, seq: int):
+    g = torch.Generator(device="cuda").manual_seed(1)
+    return [torch.randint(0, 32000, (micro, seq), device="cuda", generator=g) for _ in range(K)]
+
+
+def loss_of(model, tokens):
+    return model(input_ids=tokens, labels=tokens).loss
+
+
+def reference_grads(model, data):
+    """float64 sum of each micro-step's bf16 grads, divided by K."""
+    ref = {p: torch.zeros(p.shape, dtype=torch.float64, device="cuda") for p in model.parameters()}
+
+    def hook(p):
+        ref[p] += p.grad.double()
+        p.grad = None
+    hs = [p.register_post_accumulate_grad_hook(hook) for p in model.parameters()]
+    for t in data:
+        loss_of(model, t).backward()
+    for h in hs:
+        h.remove()
+    return {p: r / K for p, r in ref.items()}
+
+
+def run(model, data, variant):
+    """Returns (ms per optimizer step, peak GiB, the fp32 grads the optimizer would read)."""
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=0.0)
+    helper = acc = None
+    if variant == "gacc":
+        acc = gacc_kernels.attach(model, opt, steps=K)
+    elif variant == "b-grad_dtype":
+        for p in params:
+            p.grad_dtype = torch.float32
+    elif variant in ("c-megatron", "d-naive"):
+        helper = Megatron(model, naive_k=K if variant == "d-naive" else None)
+        helper.inv_scale.fill_(1.0 / K)
+    divide = variant in ("a-bf16", "b-grad_dtype")
+
+    def backwards():
+        for t in data:
+            loss = loss_of(model, t)
+            (loss / K if divide else loss).backward()
+
+    def step():
+        backwards()
+        if helper is not None:
+            helper.step_passes(full=variant == "c-megatron")  # ends with zero_()
+        opt.zero_grad()
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    ms = events_ms(step, reps=3, warmup=1)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    backwards()  # one more window, kept, for the error
+    if variant == "c-megatron":
+        torch._amp_foreach_non_finite_check_and_unscale_(helper.main, helper.found_inf, helper.inv_scale)
+    if variant == "gacc":
+        grads = [p.main_grad for p in params]
+    elif variant in ("c-megatron", "d-naive"):
+        grads = helper.main
+    else:
+        grads = [p.grad for p in params]
+    grads = [g.float().clone() for g in grads]
+    if acc is not None:
+        opt.zero_grad()
+        acc.remove()
+    if helper is not None:
+        helper.remove(model)
+    if variant == "b-grad_dtype":
+        for p in params:
+            p.grad_dtype = p.dtype
+    opt.zero_grad()
+    return ms, peak, grads
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--micro", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=512)
+    args = ap.parse_args()
+    model = build(args.layers)
+    n = sum(p.numel() for p in model.parameters())
+    data = micro_batches(args.micro, args.seq)
+    ref = reference_grads(model, data)
+    ref_list = [ref[p] for p in model.parameters()]
+    ref_norm = torch.sqrt(sum((r * r).sum() for r in ref_list))
+    del ref
+    rows = []
+    for variant in ["gacc", "a-bf16", "b-grad_dtype", "c-megatron", "d-naive"]:
+        ms, peak, grads = run(model, data, variant)
+        err = torch.sqrt(sum(((g.double() - r) ** 2).sum() for g, r in zip(grads, ref_list))) / ref_norm
+        worst = max(((g.double() - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
+                    for g, r in zip(grads, ref_list))
+        tokens = K * args.micro * args.seq
+        rows.append([variant, ms, tokens / ms * 1e3, peak, err.item(), worst])
+        del grads
+    md = [f"# End to end: LlamaForCausalLM, {n / 1e9:.3f} B parameters, bf16, K={K}\n\n{stamp()}\n",
+          __doc__,
+          f"Micro-batch {args.micro} x {args.seq} tokens, eager attention (deterministic backward), "
+          f"{args.layers} layers. Error: ||g - g64|| / ||g64|| over all parameters, and the worst "
+          "per-tensor max|g - g64| / max|g64|.\n",
+          table(["variant", "ms / optimizer step", "tokens/s", "peak GiB", "rel. L2 error", "worst max error"],
+                rows)]
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "e2e.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
