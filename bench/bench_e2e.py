@@ -99,10 +99,10 @@ def run(model, data, variant):
         acc.remove()
     if helper is not None:
         helper.remove(model)
+    opt.zero_grad()
     if variant == "b-grad_dtype":
         for p in params:
             p.grad_dtype = p.dtype
-    opt.zero_grad()
     return ms, peak, grads
 
 

@@ -35,16 +35,26 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int,
 
 class _Slot:
     """One parameter's place in its device's flat buffer."""
-    __slots__ = ("param", "space", "segment", "start", "numel", "written", "pending")
+    __slots__ = ("param", "space", "segment", "start", "numel", "strides", "main", "written", "pending")
 
     def __init__(self, param: torch.nn.Parameter, space: _DeviceBuffer, segment: int, start: int):
         self.param, self.space, self.segment, self.start, self.numel = \
             param, space, segment, start, param.numel()
+        self.strides = _contiguous_strides(param.shape)
+        self.main: torch.Tensor  # its fp32 view of the buffer, p.main_grad once published
         self.written = False  # holds a gradient in this window (else the next one is stored, not added)
         self.pending: _Bucket | None = None  # the bucket holding its grad, not yet launched
 
-    def view(self, buf: torch.Tensor) -> torch.Tensor:
-        return buf[self.start: self.start + self.numel].view(self.param.shape)
+    def view_of(self, flat: torch.Tensor, start: int) -> torch.Tensor:
+        return flat.as_strided(self.param.shape, self.strides, start)
+
+
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
 
 
 class _Bucket:
@@ -94,6 +104,8 @@ class _DeviceBuffer:
                 end += -(-p.numel() // ALIGN) * ALIGN
             self.segments.append((dtype, begin, end))
         self.buf = torch.zeros(end, dtype=torch.float32, device=device)  # padding stays 0 forever
+        for slot in self.slots:
+            slot.main = slot.view_of(self.buf, slot.start)
         self.buckets = {dt: _Bucket(self, dt, bucket_bytes) for dt in GRAD_DTYPES}
         self.found_inf = torch.zeros(1, dtype=torch.float32, device=device)
         self.partials = [torch.zeros(norm_partials_size(e - b), device=device) for _, b, e in self.segments]
@@ -263,7 +275,7 @@ class GradAccumulator:
     def _finalize(self) -> None:
         for slot in self._slots:
             if not slot.written:  # stale values from an earlier window: not part of this one
-                slot.view(slot.space.buf).zero_()
+                slot.main.zero_()
         if self._ddp:
             written, weight_sum = self._all_reduce()
         else:
@@ -310,13 +322,10 @@ class GradAccumulator:
         for slot, w in zip(self._slots, written):
             if w:
                 p, space = slot.param, slot.space
-                p.main_grad = slot.view(space.buf)
+                p.main_grad = slot.main
                 out = space.outs[slot.segment]
-                if out is None:
-                    p.grad = p.main_grad
-                else:
-                    start = slot.start - space.segments[slot.segment][1]
-                    p.grad = out[start: start + slot.numel].view(p.shape)
+                p.grad = slot.main if out is None else \
+                    slot.view_of(out, slot.start - space.segments[slot.segment][1])
         self._published, self._stepped = True, False
 
     def _finalize_if_pending(self) -> None:

@@ -5,6 +5,8 @@ offsets, and are launched with enable_fp_fusion=False so `out + w * g` is never 
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -13,6 +15,8 @@ from .reference import GRAD_DTYPES, OUT_DTYPES
 
 BLOCK = 4096
 NUM_WARPS = 8
+# The interpreter's fp32 -> bf16 cast truncates; compiled Triton rounds to nearest even.
+_ROUND_BF16_BY_HAND = os.environ.get("TRITON_INTERPRET") == "1"
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -49,9 +53,9 @@ def _accumulate_many_kernel(buf_ptr, table_ptr, weight, GRAD_DTYPE: tl.constexpr
 
 
 @triton.jit
-def _cast(v, DTYPE: tl.constexpr):
-    """fp32 -> DTYPE, round to nearest even. bf16 is rounded by hand: the interpreter's cast truncates."""
-    if DTYPE == tl.bfloat16:
+def _cast(v, DTYPE: tl.constexpr, BF16_BY_HAND: tl.constexpr):
+    """fp32 -> DTYPE, round to nearest even (by hand for bf16 in the interpreter)."""
+    if BF16_BY_HAND and DTYPE == tl.bfloat16:
         bits = v.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         bits = tl.where(v != v, 0x7FC0, bits)
@@ -63,7 +67,7 @@ def _cast(v, DTYPE: tl.constexpr):
 @triton.jit(do_not_specialize=["n"])
 def _scale_kernel(
     buf_ptr, scale_ptr, out_ptr, found_inf_ptr, partials_ptr, n,
-    HAS_OUT: tl.constexpr, STATS: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_OUT: tl.constexpr, STATS: tl.constexpr, BF16_BY_HAND: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """v = buf * scale; buf = v; out = cast(v) (HAS_OUT); with STATS: found_inf = 1 if any v is not
     finite, partials[pid] = sum(v * v) over this program's grid-strided tiles."""
@@ -77,7 +81,7 @@ def _scale_kernel(
         v = tl.load(buf_ptr + offs, mask=mask) * s
         tl.store(buf_ptr + offs, v, mask=mask)
         if HAS_OUT:
-            tl.store(out_ptr + offs, _cast(v, out_ptr.dtype.element_ty), mask=mask)
+            tl.store(out_ptr + offs, _cast(v, out_ptr.dtype.element_ty, BF16_BY_HAND), mask=mask)
         if STATS:
             sq += tl.where(mask, v * v, 0.0)
             bad = bad | (mask & ~(tl.abs(v) < float("inf")))
@@ -149,7 +153,7 @@ def _launch_scale(buf, scale, out, found_inf, norm_partials) -> None:
     n = buf.numel()
     grid = (norm_partials.numel(),) if stats else (max(1, min(triton.cdiv(n, BLOCK), 1024)),)
     _scale_kernel[grid](buf, scale, out, found_inf, norm_partials, n, HAS_OUT=out is not None,
-                        STATS=stats, BLOCK=BLOCK, num_warps=NUM_WARPS)
+                        STATS=stats, BF16_BY_HAND=_ROUND_BF16_BY_HAND, BLOCK=BLOCK, num_warps=NUM_WARPS)
 
 
 def finalize_(
