@@ -17,8 +17,9 @@ OUT_DTYPES = GRAD_DTYPES
 
 
 def norm_partials_size(numel: int) -> int:
-    """How many partial sums finalize writes for a buffer of `numel` elements (one per block)."""
-    return max(1, min(1024, -(-numel // 16384)))
+    """How many partial sums finalize should write for `numel` elements: one per 1024-element
+    block, so the pass runs with a one-shot grid. Any size >= 1 is correct."""
+    return max(1, -(-numel // 1024))
 
 
 def accumulate_ref(out: torch.Tensor, grad: torch.Tensor, weight: float, store: bool) -> None:

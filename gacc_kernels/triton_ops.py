@@ -13,7 +13,7 @@ import triton.language as tl
 
 from .reference import GRAD_DTYPES, OUT_DTYPES
 
-BLOCK = 4096
+BLOCK = 1024  # with 8 warps: 98-101% of a copy on an H100 (bench/NOTES.md)
 NUM_WARPS = 8
 # The interpreter's fp32 -> bf16 cast truncates; compiled Triton rounds to nearest even.
 _ROUND_BF16_BY_HAND = os.environ.get("TRITON_INTERPRET") == "1"
@@ -136,7 +136,7 @@ def accumulate_many_(
         rows.append((g.data_ptr(), off, g.numel(), int(bool(st))))
     table = torch.tensor(rows, dtype=torch.int64, device=buf.device)
     most = max(r[2] for r in rows)
-    grid = (min(triton.cdiv(most, BLOCK), 1024), len(rows))
+    grid = (triton.cdiv(most, BLOCK), len(rows))
     if most:
         _accumulate_many_kernel[grid](buf, table, float(weight), GRAD_DTYPE=_TL_DTYPE[dtype],
                                       BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
@@ -151,7 +151,7 @@ def _launch_scale(buf, scale, out, found_inf, norm_partials) -> None:
             raise ValueError("finalize_/scale_: out must have buf's numel and device")
     stats = norm_partials is not None
     n = buf.numel()
-    grid = (norm_partials.numel(),) if stats else (max(1, min(triton.cdiv(n, BLOCK), 1024)),)
+    grid = (norm_partials.numel(),) if stats else (max(1, triton.cdiv(n, BLOCK)),)
     _scale_kernel[grid](buf, scale, out, found_inf, norm_partials, n, HAS_OUT=out is not None,
                         STATS=stats, BF16_BY_HAND=_ROUND_BF16_BY_HAND, BLOCK=BLOCK, num_warps=NUM_WARPS)
 
