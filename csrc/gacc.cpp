@@ -127,6 +127,46 @@ void check_scale(const at::Tensor& buf, const at::Tensor& scale, const std::opti
   check_cast_out(op, out, buf);
 }
 
+void check_accumulate_finalize(
+    const at::Tensor& buf,
+    at::TensorList grads,
+    at::IntArrayRef offsets,
+    const c10::List<bool>& store,
+    const at::Tensor& scale,
+    const at::Tensor& found_inf,
+    const at::Tensor& norm_partials,
+    const std::optional<at::Tensor>& out,
+    int64_t out_offset) {
+  constexpr const char* op = "gacc::accumulate_finalize_";
+  check_accumulate_many(buf, grads, offsets, store);
+  check_fp32_scalar(op, "scale", scale, buf);
+  check_fp32_scalar(op, "found_inf", found_inf, buf);
+  check_fp32_contiguous(op, "norm_partials", norm_partials);
+  check_same_device(op, "norm_partials", norm_partials, "buf", buf);
+  if (out.has_value()) {
+    TORCH_CHECK(
+        is_float_type(out->scalar_type()) && out->is_contiguous(), op,
+        ": out must be a contiguous float32, bfloat16 or float16 tensor");
+    check_same_device(op, "out", *out, "buf", buf);
+  }
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const int64_t begin = offsets[i];
+    const int64_t chunks = (grads[i].numel() + kFinalizeChunk - 1) / kFinalizeChunk;
+    TORCH_CHECK(
+        begin % kFinalizeChunk == 0, op, ": offsets[", i, "] = ", begin, " is not a multiple of ",
+        kFinalizeChunk, "; align every slot of the buffer to ", kFinalizeChunk, " elements");
+    TORCH_CHECK(
+        begin / kFinalizeChunk + chunks <= norm_partials.numel(), op, ": norm_partials has ",
+        norm_partials.numel(), " elements; it needs one per ", kFinalizeChunk, " elements of buf");
+    if (out.has_value()) {
+      TORCH_CHECK(
+          begin >= out_offset && begin - out_offset + grads[i].numel() <= out->numel(), op,
+          ": grads[", i, "] lands at out[", begin - out_offset, " : ", begin - out_offset + grads[i].numel(),
+          "], outside out of ", out->numel(), " elements; fix out_offset");
+    }
+  }
+}
+
 namespace {
 
 constexpr int64_t kGrainSize = 32768;  // elements per at::parallel_for task
@@ -240,6 +280,59 @@ void finalize_cpu(
   }
 }
 
+void accumulate_finalize_cpu(
+    const at::Tensor& buf,
+    at::TensorList grads,
+    at::IntArrayRef offsets,
+    const c10::List<bool>& store,
+    double weight,
+    const at::Tensor& scale,
+    const at::Tensor& found_inf,
+    const at::Tensor& norm_partials,
+    const std::optional<at::Tensor>& out,
+    int64_t out_offset) {
+  check_accumulate_finalize(buf, grads, offsets, store, scale, found_inf, norm_partials, out, out_offset);
+  if (grads.empty()) {
+    return;
+  }
+  float* base = buf.mutable_data_ptr<float>();
+  float* partials = norm_partials.mutable_data_ptr<float>();
+  const float s = scale.const_data_ptr<float>()[0];
+  const float w = static_cast<float>(weight);
+  std::atomic<bool> any_nonfinite{false};
+  dispatch_float_types(grads[0].scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    with_out_ptr(out, [&](auto out_ptr) {
+      for (size_t t = 0; t < grads.size(); ++t) {
+        const int64_t n = grads[t].numel();
+        float* dst = base + offsets[t];
+        const T* grad = grads[t].const_data_ptr<T>();
+        auto cast_dst = out_ptr;
+        if constexpr (!std::is_same_v<decltype(out_ptr), NoOut*>) {
+          cast_dst = out_ptr + (offsets[t] - out_offset);
+        }
+        at::parallel_for(0, (n + kFinalizeChunk - 1) / kFinalizeChunk, 1, [&](int64_t c_begin, int64_t c_end) {
+          for (int64_t c = c_begin; c < c_end; ++c) {
+            const int64_t begin = c * kFinalizeChunk;
+            const int64_t end = std::min(begin + kFinalizeChunk, n);
+            accumulate_range(dst + begin, grad + begin, end - begin, w, store.get(t));
+            double sumsq = 0.0;
+            bool nonfinite = false;
+            scale_range<true>(dst, cast_dst, s, begin, end, &sumsq, &nonfinite);
+            partials[offsets[t] / kFinalizeChunk + c] = static_cast<float>(sumsq);
+            if (nonfinite) {
+              any_nonfinite.store(true, std::memory_order_relaxed);
+            }
+          }
+        });
+      }
+    });
+  });
+  if (any_nonfinite.load()) {
+    found_inf.mutable_data_ptr<float>()[0] = 1.0f;
+  }
+}
+
 void scale_cpu(const at::Tensor& buf, const at::Tensor& scale, const std::optional<at::Tensor>& out) {
   check_scale(buf, scale, out);
   float* data = buf.mutable_data_ptr<float>();
@@ -261,6 +354,9 @@ TORCH_LIBRARY(gacc, m) {
       "finalize_(Tensor(a!) buf, Tensor scale, Tensor(b!) found_inf, Tensor(c!) norm_partials, "
       "Tensor(d!)? out) -> ()");
   m.def("scale_(Tensor(a!) buf, Tensor scale, Tensor(b!)? out) -> ()");
+  m.def(
+      "accumulate_finalize_(Tensor(a!) buf, Tensor[] grads, int[] offsets, bool[] store, float weight, "
+      "Tensor scale, Tensor(b!) found_inf, Tensor(c!) norm_partials, Tensor(d!)? out, int out_offset) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(gacc, CPU, m) {
@@ -268,6 +364,7 @@ TORCH_LIBRARY_IMPL(gacc, CPU, m) {
   m.impl("accumulate_many_", &gacc::accumulate_many_cpu);
   m.impl("finalize_", &gacc::finalize_cpu);
   m.impl("scale_", &gacc::scale_cpu);
+  m.impl("accumulate_finalize_", &gacc::accumulate_finalize_cpu);
 }
 
 // `import gacc_kernels._C` loads this library, which runs the registrations above. The module

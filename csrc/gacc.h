@@ -26,6 +26,19 @@ void check_finalize(
     const at::Tensor& norm_partials,
     const std::optional<at::Tensor>& out);
 void check_scale(const at::Tensor& buf, const at::Tensor& scale, const std::optional<at::Tensor>& out);
+void check_accumulate_finalize(
+    const at::Tensor& buf,
+    at::TensorList grads,
+    at::IntArrayRef offsets,
+    const c10::List<bool>& store,
+    const at::Tensor& scale,
+    const at::Tensor& found_inf,
+    const at::Tensor& norm_partials,
+    const std::optional<at::Tensor>& out,
+    int64_t out_offset);
+
+// accumulate_finalize_ works in chunks of this many elements: one norm partial per chunk.
+constexpr int64_t kFinalizeChunk = 1024;
 
 // Calls f(T{}) with T = float, c10::BFloat16 or c10::Half for the matching dtype.
 // Callers have already checked that the dtype is one of the three.

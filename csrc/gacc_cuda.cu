@@ -24,6 +24,7 @@ namespace {
 constexpr int kThreads = 256;  // threads per block; block_sum relies on it
 constexpr int kItem = 4;  // elements per thread
 constexpr int kChunk = kThreads * kItem;  // elements per block
+static_assert(kChunk == kFinalizeChunk, "accumulate_finalize_ writes one norm partial per block");
 constexpr int kMaxTensorsPerLaunch = 64;  // tensors per accumulate_many_ launch
 
 int64_t cdiv(int64_t a, int64_t b) {
@@ -117,15 +118,23 @@ struct ManyArgs {
 };
 static_assert(sizeof(ManyArgs<float>) + 64 <= 4096, "kernel arguments must stay under 4 KB");
 
+// The tensor of this block, and the block's chunk within it.
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    accumulate_many_kernel(float* buf, const __grid_constant__ ManyArgs<T> args, float w) {
+__device__ __forceinline__ int tensor_of_block(const ManyArgs<T>& args, int64_t* chunk) {
   const int64_t block = blockIdx.x;
   int t = 0;
   while (block >= args.block_end[t]) {
     ++t;
   }
-  const int64_t chunk = block - (t == 0 ? 0 : args.block_end[t - 1]);
+  *chunk = block - (t == 0 ? 0 : args.block_end[t - 1]);
+  return t;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    accumulate_many_kernel(float* buf, const __grid_constant__ ManyArgs<T> args, float w) {
+  int64_t chunk;
+  const int t = tensor_of_block(args, &chunk);
   accumulate_item(buf + args.offsets[t], args.grads[t], args.numels[t], w, args.store[t], chunk);
 }
 
@@ -216,6 +225,79 @@ __global__ void __launch_bounds__(kThreads) scale_kernel(
   }
 }
 
+// accumulate_many_ and finalize_ in one pass, for the last micro-step: with acc the accumulated
+// value, v = acc * s is written to buf and (cast) to out[offset - out_offset + i]; found_inf as in
+// finalize_; block = chunk c of tensor t writes its sum of v * v to norm_partials[offset / kChunk + c].
+template <typename OutT>
+struct FinalArgs {
+  const float* scale;
+  float* found_inf;
+  float* norm_partials;
+  OutT* out;
+  int64_t out_offset;
+};
+
+template <typename T, typename OutT>
+__global__ void __launch_bounds__(kThreads) accumulate_finalize_kernel(
+    float* buf, const __grid_constant__ ManyArgs<T> args, float w, const FinalArgs<OutT> fin) {
+  constexpr bool kHasOut = !std::is_same_v<OutT, NoOut>;
+  int64_t chunk;
+  const int t = tensor_of_block(args, &chunk);
+  const int64_t n = args.numels[t];
+  const bool store = args.store[t];
+  const T* grad = args.grads[t];
+  float* dst = buf + args.offsets[t];
+  OutT* cast_dst = nullptr;
+  bool vectors = is_aligned(dst, 16) && is_aligned(grad, sizeof(Pack<T, kItem>));
+  if constexpr (kHasOut) {
+    cast_dst = fin.out + (args.offsets[t] - fin.out_offset);
+    vectors = vectors && is_aligned(cast_dst, sizeof(Pack<OutT, kItem>));
+  }
+  const float s = *fin.scale;
+  float sumsq = 0.0f;
+  bool nonfinite = false;
+  const int64_t i = chunk * kChunk + threadIdx.x * kItem;
+  if (i + kItem <= n && vectors) {
+    const Pack<T, kItem> g = load_stream(grad + i);
+    Float4 v;
+    if (!store) {
+      v = load_stream(dst + i);
+    }
+#pragma unroll
+    for (int k = 0; k < kItem; ++k) {
+      v.v[k] = __fmul_rn(accumulate_one(v.v[k], static_cast<float>(g.v[k]), w, store), s);
+      nonfinite |= is_nonfinite(v.v[k]);
+      sumsq = fmaf(v.v[k], v.v[k], sumsq);
+    }
+    store_stream(dst + i, v);
+    if constexpr (kHasOut) {
+      Pack<OutT, kItem> o;
+#pragma unroll
+      for (int k = 0; k < kItem; ++k) {
+        o.v[k] = static_cast<OutT>(v.v[k]);
+      }
+      store_stream(cast_dst + i, o);
+    }
+  } else {
+    for (int64_t j = i; j < n && j < i + kItem; ++j) {
+      const float v = __fmul_rn(accumulate_one(store ? 0.0f : dst[j], static_cast<float>(grad[j]), w, store), s);
+      dst[j] = v;
+      if constexpr (kHasOut) {
+        cast_dst[j] = static_cast<OutT>(v);
+      }
+      nonfinite |= is_nonfinite(v);
+      sumsq = fmaf(v, v, sumsq);
+    }
+  }
+  if (nonfinite) {
+    *fin.found_inf = 1.0f;
+  }
+  sumsq = block_sum(sumsq);
+  if (threadIdx.x == 0) {
+    fin.norm_partials[args.offsets[t] / kChunk + chunk] = sumsq;
+  }
+}
+
 unsigned grid_for(int64_t blocks, const char* op) {
   TORCH_CHECK(blocks <= INT32_MAX, op, ": ", blocks, " blocks are more than one launch allows");
   return static_cast<unsigned>(blocks);
@@ -237,6 +319,35 @@ void accumulate_cuda(const at::Tensor& out, const at::Tensor& grad, double weigh
   });
 }
 
+// Calls launch(args, blocks) once per group of up to kMaxTensorsPerLaunch non-empty grads.
+template <typename T, typename Launch>
+void for_each_launch(
+    at::TensorList grads, at::IntArrayRef offsets, const c10::List<bool>& store, const Launch& launch) {
+  ManyArgs<T> args{};
+  int count = 0;  // tensors in args
+  int64_t blocks = 0;  // blocks they need
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const int64_t numel = grads[i].numel();
+    if (numel == 0) {
+      continue;
+    }
+    args.grads[count] = grads[i].const_data_ptr<T>();
+    args.offsets[count] = offsets[i];
+    args.numels[count] = numel;
+    args.store[count] = store.get(i);
+    blocks += cdiv(numel, kChunk);
+    args.block_end[count] = blocks;
+    if (++count == kMaxTensorsPerLaunch) {
+      launch(args, blocks);
+      count = 0;
+      blocks = 0;
+    }
+  }
+  if (count > 0) {
+    launch(args, blocks);
+  }
+}
+
 void accumulate_many_cuda(
     const at::Tensor& buf,
     at::TensorList grads,
@@ -253,34 +364,46 @@ void accumulate_many_cuda(
   const float w = static_cast<float>(weight);
   dispatch_float_types(grads[0].scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    ManyArgs<T> args{};
-    int count = 0;  // tensors in args
-    int64_t blocks = 0;  // blocks they need
-    const auto launch = [&] {
+    for_each_launch<T>(grads, offsets, store, [&](const ManyArgs<T>& args, int64_t blocks) {
       accumulate_many_kernel<T><<<grid_for(blocks, "gacc::accumulate_many_"), kThreads, 0, stream>>>(
           base, args, w);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      count = 0;
-      blocks = 0;
-    };
-    for (size_t i = 0; i < grads.size(); ++i) {
-      const int64_t numel = grads[i].numel();
-      if (numel == 0) {
-        continue;
-      }
-      args.grads[count] = grads[i].const_data_ptr<T>();
-      args.offsets[count] = offsets[i];
-      args.numels[count] = numel;
-      args.store[count] = store.get(i);
-      blocks += cdiv(numel, kChunk);
-      args.block_end[count] = blocks;
-      if (++count == kMaxTensorsPerLaunch) {
-        launch();
-      }
-    }
-    if (count > 0) {
-      launch();
-    }
+    });
+  });
+}
+
+void accumulate_finalize_cuda(
+    const at::Tensor& buf,
+    at::TensorList grads,
+    at::IntArrayRef offsets,
+    const c10::List<bool>& store,
+    double weight,
+    const at::Tensor& scale,
+    const at::Tensor& found_inf,
+    const at::Tensor& norm_partials,
+    const std::optional<at::Tensor>& out,
+    int64_t out_offset) {
+  check_accumulate_finalize(buf, grads, offsets, store, scale, found_inf, norm_partials, out, out_offset);
+  if (grads.empty()) {
+    return;
+  }
+  const c10::cuda::CUDAGuard guard(buf.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(buf.device().index());
+  float* base = buf.mutable_data_ptr<float>();
+  const float w = static_cast<float>(weight);
+  dispatch_float_types(grads[0].scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    with_out_ptr(out, [&](auto* out_ptr) {
+      using OutT = std::remove_pointer_t<decltype(out_ptr)>;
+      const FinalArgs<OutT> fin{
+          scale.const_data_ptr<float>(), found_inf.mutable_data_ptr<float>(),
+          norm_partials.mutable_data_ptr<float>(), out_ptr, out_offset};
+      for_each_launch<T>(grads, offsets, store, [&](const ManyArgs<T>& args, int64_t blocks) {
+        accumulate_finalize_kernel<T, OutT>
+            <<<grid_for(blocks, "gacc::accumulate_finalize_"), kThreads, 0, stream>>>(base, args, w, fin);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
   });
 }
 
@@ -327,4 +450,5 @@ TORCH_LIBRARY_IMPL(gacc, CUDA, m) {
   m.impl("accumulate_many_", &gacc::accumulate_many_cuda);
   m.impl("finalize_", &gacc::finalize_cuda);
   m.impl("scale_", &gacc::scale_cuda);
+  m.impl("accumulate_finalize_", &gacc::accumulate_finalize_cuda);
 }

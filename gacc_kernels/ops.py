@@ -9,7 +9,7 @@ import torch
 
 from . import reference
 
-OPS = ("accumulate_", "accumulate_many_", "finalize_", "scale_")
+OPS = ("accumulate_", "accumulate_many_", "finalize_", "scale_", "accumulate_finalize_")
 
 try:
     from . import _C  # noqa: F401  (registers torch.ops.gacc.*)
@@ -90,6 +90,17 @@ def finalize_(
 def scale_(buf: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None) -> None:
     """buf *= scale (a 1-element device tensor); out = cast(buf)."""
     choose("scale_", buf.device.type).impl(buf, scale, out)
+
+
+def accumulate_finalize_(
+    buf: torch.Tensor, grads: list[torch.Tensor], offsets: list[int], store: list[bool], weight: float,
+    scale: torch.Tensor, found_inf: torch.Tensor, norm_partials: torch.Tensor,
+    out: torch.Tensor | None = None, out_offset: int = 0,
+) -> None:
+    """accumulate_many_ then finalize_ of what it wrote, in one pass (the last micro-step); offsets are
+    multiples of reference.CHUNK, with one norm partial per CHUNK elements."""
+    choose("accumulate_finalize_", buf.device.type).impl(
+        buf, grads, offsets, store, weight, scale, found_inf, norm_partials, out, out_offset)
 
 
 def report() -> str:

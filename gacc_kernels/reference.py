@@ -5,6 +5,8 @@ Every op works in fp32 with one rounding per arithmetic step, in this order (no 
     finalize:    v = buf * s;  buf = v;  out = cast(v);  found_inf = 1 if any(!isfinite(v));
                  sum(norm_partials) = sum(v * v)
     scale:       v = buf * s;  buf = v;  out = cast(v)
+    accumulate_finalize (the last micro-step): accumulate, then finalize what it wrote, with one
+                 norm partial per CHUNK elements of each grad
 Buffers are fp32 and contiguous; grads are fp32, bf16 or fp16 and contiguous; `s` is a
 1-element fp32 tensor on the buffer's device, so no host sync is needed to read it.
 """
@@ -14,12 +16,13 @@ import torch
 
 GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 OUT_DTYPES = GRAD_DTYPES
+CHUNK = 1024  # accumulate_finalize_ writes one norm partial per CHUNK elements
 
 
 def norm_partials_size(numel: int) -> int:
     """How many partial sums finalize should write for `numel` elements: one per 1024-element
     block, so the pass runs with a one-shot grid. Any size >= 1 is correct."""
-    return max(1, -(-numel // 1024))
+    return max(1, -(-numel // CHUNK))
 
 
 def accumulate_ref(out: torch.Tensor, grad: torch.Tensor, weight: float, store: bool) -> None:
@@ -54,6 +57,32 @@ def finalize_ref(
     norm_partials[0] = buf.square().sum()
     if out is not None:
         out.view(-1).copy_(buf.view(-1))
+
+
+def accumulate_finalize_ref(
+    buf: torch.Tensor, grads: list[torch.Tensor], offsets: list[int], store: list[bool], weight: float,
+    scale: torch.Tensor, found_inf: torch.Tensor, norm_partials: torch.Tensor,
+    out: torch.Tensor | None = None, out_offset: int = 0,
+) -> None:
+    """accumulate_many_ and finalize_ in one pass over each grads[i]'s range of buf (the last micro-step).
+
+    offsets are multiples of CHUNK; chunk c of grads[i] writes its sum of squares to
+    norm_partials[offsets[i] // CHUNK + c]; buf[k] is cast into out[k - out_offset]."""
+    for g, off, st in zip(grads, offsets, store):
+        if off % CHUNK:
+            raise ValueError(f"accumulate_finalize_: offset {off} is not a multiple of {CHUNK}")
+        n = g.numel()
+        region = buf[off: off + n]
+        accumulate_ref(region, g, weight, st)
+        region.mul_(scale.float().reshape(()))
+        if not torch.isfinite(region).all():
+            found_inf.fill_(1.0)
+        chunks = -(-n // CHUNK)
+        squares = torch.zeros(chunks * CHUNK, dtype=torch.float32, device=buf.device)
+        squares[:n] = region.square()
+        norm_partials[off // CHUNK: off // CHUNK + chunks] = squares.view(chunks, CHUNK).sum(1)
+        if out is not None:
+            out[off - out_offset: off - out_offset + n] = region
 
 
 def scale_ref(buf: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None) -> None:

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import GRAD_DTYPES, OUT_DTYPES
+from .reference import CHUNK, GRAD_DTYPES, OUT_DTYPES
 
 BLOCK = 1024  # with 8 warps: 98-101% of a copy on an H100 (bench/NOTES.md)
 NUM_WARPS = 8
@@ -50,6 +50,35 @@ def _accumulate_many_kernel(buf_ptr, table_ptr, weight, GRAD_DTYPE: tl.constexpr
         # -0.0 is the identity of addition, so a store writes t bit for bit (and reads nothing).
         prev = tl.load(out_ptr + offs, mask=mask & keep, other=-0.0)
         tl.store(out_ptr + offs, prev + t, mask=mask)
+
+
+@triton.jit
+def _accumulate_finalize_kernel(
+    buf_ptr, table_ptr, weight, scale_ptr, found_inf_ptr, partials_ptr, out_ptr, out_offset,
+    GRAD_DTYPE: tl.constexpr, HAS_OUT: tl.constexpr, BF16_BY_HAND: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """The last micro-step: chunk c = program_id(0) of tensor t = program_id(1) (table as above):
+    v = ((store ? 0 : buf) + fp32(weight) * fp32(grad)) * scale; buf = v; out[offset - out_offset] =
+    cast(v); found_inf = 1 if any v is not finite; partials[offset / CHUNK + c] = sum(v * v)."""
+    row = table_ptr + tl.program_id(1).to(tl.int64) * 4
+    grad_ptr = tl.load(row).to(tl.pointer_type(GRAD_DTYPE))
+    offset = tl.load(row + 1)
+    n = tl.load(row + 2)
+    keep = tl.load(row + 3) == 0
+    chunk = tl.program_id(0).to(tl.int64)
+    offs = chunk * CHUNK + tl.arange(0, CHUNK)
+    mask = offs < n
+    t = tl.load(grad_ptr + offs, mask=mask).to(tl.float32) * weight
+    prev = tl.load(buf_ptr + offset + offs, mask=mask & keep, other=-0.0)
+    v = (prev + t) * tl.load(scale_ptr)
+    tl.store(buf_ptr + offset + offs, v, mask=mask)
+    if HAS_OUT:
+        tl.store(out_ptr + (offset - out_offset) + offs, _cast(v, out_ptr.dtype.element_ty, BF16_BY_HAND),
+                 mask=mask)
+    tl.store(partials_ptr + offset // CHUNK + chunk, tl.sum(tl.where(mask, v * v, 0.0), axis=0),
+             mask=chunk * CHUNK < n)
+    bad = mask & ~(tl.abs(v) < float("inf"))
+    tl.store(found_inf_ptr, 1.0, mask=tl.max(bad.to(tl.int32), axis=0) > 0)
 
 
 @triton.jit
@@ -115,31 +144,54 @@ def accumulate_(out: torch.Tensor, grad: torch.Tensor, weight: float, store: boo
             num_warps=NUM_WARPS, enable_fp_fusion=False)
 
 
+def _grad_table(name: str, buf: torch.Tensor, grads, offsets, store) -> tuple[torch.Tensor, int]:
+    """The (address, offset, numel, store) rows the multi-tensor kernels read, and the largest numel."""
+    _check_flat(name, buf, (torch.float32,), "buf")
+    if not (len(grads) == len(offsets) == len(store)):
+        raise ValueError(f"{name}: grads, offsets and store must have the same length")
+    rows = []
+    for g, off, st in zip(grads, offsets, store):
+        _check_flat(name, g, GRAD_DTYPES, "every grad")
+        if g.dtype != grads[0].dtype or g.device != buf.device:
+            raise ValueError(f"{name}: all grads need one dtype and buf's device; split the call by dtype")
+        if off < 0 or off + g.numel() > buf.numel():
+            raise IndexError(f"{name}: range [{off}, {off + g.numel()}) is outside buf of {buf.numel()} elements")
+        rows.append((g.data_ptr(), off, g.numel(), int(bool(st))))
+    return torch.tensor(rows, dtype=torch.int64, device=buf.device), max(r[2] for r in rows)
+
+
 def accumulate_many_(
     buf: torch.Tensor, grads: list[torch.Tensor], offsets: list[int], store: list[bool], weight: float
 ) -> None:
     if not grads:
         return
-    _check_flat("accumulate_many_", buf, (torch.float32,), "buf")
-    if not (len(grads) == len(offsets) == len(store)):
-        raise ValueError("accumulate_many_: grads, offsets and store must have the same length")
-    dtype = grads[0].dtype
-    rows = []
-    for g, off, st in zip(grads, offsets, store):
-        _check_flat("accumulate_many_", g, GRAD_DTYPES, "every grad")
-        if g.dtype != dtype or g.device != buf.device:
-            raise ValueError("accumulate_many_: all grads need one dtype and buf's device; "
-                             "split the call by dtype")
-        if off < 0 or off + g.numel() > buf.numel():
-            raise IndexError(f"accumulate_many_: range [{off}, {off + g.numel()}) is outside buf "
-                             f"of {buf.numel()} elements")
-        rows.append((g.data_ptr(), off, g.numel(), int(bool(st))))
-    table = torch.tensor(rows, dtype=torch.int64, device=buf.device)
-    most = max(r[2] for r in rows)
-    grid = (triton.cdiv(most, BLOCK), len(rows))
+    table, most = _grad_table("accumulate_many_", buf, grads, offsets, store)
     if most:
-        _accumulate_many_kernel[grid](buf, table, float(weight), GRAD_DTYPE=_TL_DTYPE[dtype],
-                                      BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
+        _accumulate_many_kernel[(triton.cdiv(most, BLOCK), len(grads))](
+            buf, table, float(weight), GRAD_DTYPE=_TL_DTYPE[grads[0].dtype], BLOCK=BLOCK,
+            num_warps=NUM_WARPS, enable_fp_fusion=False)
+
+
+def accumulate_finalize_(
+    buf: torch.Tensor, grads: list[torch.Tensor], offsets: list[int], store: list[bool], weight: float,
+    scale: torch.Tensor, found_inf: torch.Tensor, norm_partials: torch.Tensor,
+    out: torch.Tensor | None = None, out_offset: int = 0,
+) -> None:
+    if not grads:
+        return
+    table, most = _grad_table("accumulate_finalize_", buf, grads, offsets, store)
+    _check_scalar("accumulate_finalize_", scale, buf)
+    for g, off in zip(grads, offsets):
+        if off % CHUNK or off // CHUNK + triton.cdiv(g.numel(), CHUNK) > norm_partials.numel():
+            raise ValueError(f"accumulate_finalize_: offsets must be multiples of {CHUNK} and norm_partials "
+                             f"needs one element per {CHUNK} elements of buf")
+        if out is not None and not (out_offset <= off and off - out_offset + g.numel() <= out.numel()):
+            raise ValueError("accumulate_finalize_: a grad lands outside out; fix out_offset")
+    if most:
+        _accumulate_finalize_kernel[(triton.cdiv(most, CHUNK), len(grads))](
+            buf, table, float(weight), scale, found_inf, norm_partials, out, out_offset,
+            GRAD_DTYPE=_TL_DTYPE[grads[0].dtype], HAS_OUT=out is not None, BF16_BY_HAND=_ROUND_BF16_BY_HAND,
+            CHUNK=CHUNK, num_warps=NUM_WARPS, enable_fp_fusion=False)
 
 
 def _launch_scale(buf, scale, out, found_inf, norm_partials) -> None:

@@ -177,6 +177,55 @@ def test_scale_matches_reference(backend, device, out_dtype):
 
 
 @pytest.mark.parametrize("backend,device", _impls())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("out_dtype", [None, torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_accumulate_finalize_matches_reference(backend, device, dtype, out_dtype):
+    op = _op(backend, "accumulate_finalize_")
+    chunk = reference.CHUNK
+    sizes = [1, chunk - 1, chunk, chunk + 1, 5000, 3] + [int(s) for s in torch.randint(1, 3000, (66,))]
+    grads, offsets, store, off = [], [], [], 2 * chunk
+    for i, n in enumerate(sizes):
+        grads.append(_grad(n, dtype, device, offset=i % 3))
+        offsets.append(off)
+        store.append(i % 2 == 0)
+        off += -(-n // chunk) * chunk + (chunk if i % 5 == 0 else 0)
+    start = torch.randn(off + chunk, device=device)
+    for i, (o, g) in enumerate(zip(offsets, grads)):
+        if store[i]:
+            start[o: o + g.numel()] = NAN
+    scale = torch.tensor([0.37], device=device)
+    out_offset = chunk
+    results = []
+    for fn in (reference.accumulate_finalize_ref, op):
+        buf, found_inf = start.clone(), torch.zeros(1, device=device)
+        partials = torch.full((off // chunk + 1,), NAN, device=device)
+        out = None if out_dtype is None else torch.full((off,), NAN, device=device).to(out_dtype)
+        fn(buf, grads, offsets, store, 0.7, scale, found_inf, partials, out, out_offset)
+        results.append((buf, found_inf, partials, out))
+    (b_exp, f_exp, p_exp, o_exp), (b_got, f_got, p_got, o_got) = results
+    assert_bits_equal(b_got, b_exp)
+    if out_dtype is not None:
+        assert_bits_equal(o_got, o_exp)
+    assert f_got.item() == f_exp.item() == 0.0
+    written = ~p_exp.isnan()
+    assert torch.equal(written, ~p_got.isnan()), "partials written where the reference writes them, only"
+    torch.testing.assert_close(p_got[written], p_exp[written], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,device", _impls())
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_accumulate_finalize_flags_non_finite(backend, device, where):
+    n = 3000
+    g = _grad(n, torch.bfloat16, device)
+    g[{"first": 0, "middle": n // 2, "last": n - 1}[where]] = INF
+    buf, found_inf = torch.randn(4096, device=device), torch.zeros(1, device=device)
+    partials = torch.zeros(4, device=device)
+    _op(backend, "accumulate_finalize_")(buf, [g], [1024], [False], 1.0, torch.ones(1, device=device),
+                                         found_inf, partials, None, 0)
+    assert found_inf.item() == 1.0 and not torch.isfinite(partials[1:4].sum())
+
+
+@pytest.mark.parametrize("backend,device", _impls())
 def test_bad_inputs_are_refused(backend, device):
     acc, fin = _op(backend, "accumulate_"), _op(backend, "finalize_")
     buf = torch.zeros(8, device=device)
@@ -190,6 +239,13 @@ def test_bad_inputs_are_refused(backend, device):
         _op(backend, "accumulate_many_")(buf, [torch.zeros(4, device=device)], [6], [True], 1.0)
     with pytest.raises((RuntimeError, ValueError)):
         fin(buf, torch.ones(2, device=device), torch.zeros(1, device=device), torch.zeros(1, device=device), None)
+    big = torch.zeros(4096, device=device)
+    last = _op(backend, "accumulate_finalize_")
+    args = (torch.ones(1, device=device), torch.zeros(1, device=device), torch.zeros(4, device=device))
+    with pytest.raises((RuntimeError, ValueError), match="multiple"):
+        last(big, [torch.zeros(4, device=device)], [100], [True], 1.0, *args, None, 0)
+    with pytest.raises((RuntimeError, ValueError), match="out"):
+        last(big, [torch.zeros(4, device=device)], [1024], [True], 1.0, *args, torch.zeros(8, device=device), 0)
 
 
 @pytest.mark.gpu
@@ -224,6 +280,10 @@ def _opcheck_cases(device):
         ("finalize_", (buf, torch.ones(1, device=device), torch.zeros(1, device=device),
                        torch.zeros(3, device=device), torch.empty(300, dtype=torch.bfloat16, device=device))),
         ("scale_", (buf, torch.ones(1, device=device), None)),
+        ("accumulate_finalize_", (torch.randn(4096, device=device), [g, g[:10]], [1024, 2048], [True, False], 0.5,
+                                  torch.ones(1, device=device), torch.zeros(1, device=device),
+                                  torch.zeros(4, device=device), torch.empty(3072, dtype=torch.bfloat16,
+                                                                             device=device), 1024)),
     ]
 
 
