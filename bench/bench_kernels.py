@@ -45,6 +45,9 @@ def main() -> None:
                  lambda impl=impl: impl["finalize_"](buf, one, found_inf, partials, None), name),
                 (f"{name} finalize+bf16 out", 10,
                  lambda impl=impl: impl["finalize_"](buf, one, found_inf, partials, out16), name),
+                (f"{name} last micro-step (accumulate+finalize+bf16 out)", 12,
+                 lambda impl=impl: impl["accumulate_finalize_"](buf, [g], [0], [False], 1.0, one, found_inf,
+                                                                partials, out16, 0), name),
             ]
         for label, bpe, fn, _ in cases:
             ms = time_ms(fn)
@@ -58,7 +61,8 @@ def main() -> None:
 
     md = [f"# Kernel bandwidth\n\n{stamp()}\n",
           "Median of triton.testing.do_bench; bytes per element counted by hand "
-          "(accumulate: read 2 + 4, write 4; store: read 2, write 4; finalize: read 4, write 4 [+2 bf16 out]).\n",
+          "(accumulate: read 2 + 4, write 4; store: read 2, write 4; finalize: read 4, write 4 [+2 bf16 out]; "
+          "last micro-step: read 2 + 4, write 4 + 2).\n",
           table(["n", "op", "B/elem", "ms", "GB/s", "% of copy"], rows)]
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "kernels.md"), "w") as f:

@@ -2,10 +2,11 @@
 
 The data flow, one stage per method:
     backward produces p.grad
-    -> _on_grad (post-accumulate-grad hook) hands it to the bucket of its device and dtype, p.grad = None
+    -> _on_grad (post-accumulate-grad hook) hands it to its bucket (device, dtype), p.grad = None
     -> _Bucket.flush: one fused launch adds the bucket into its slices of the flat fp32 buffer and
        frees the low-precision grads (also at the end of every backward, in _end_backward)
-    -> _finalize, after the K-th micro-step: one pass per buffer (scale, inf check, norm)
+    -> the finalize pass (scale, inf check, norm, cast): in the K-th micro-step's launches themselves
+       (_start_last_pass), or after it as one pass per buffer (_finalize)
     -> _publish: what the optimizer reads, p.grad and p.main_grad (views of the buffer, or one cast)
 """
 from __future__ import annotations
@@ -21,9 +22,11 @@ from torch.autograd.graph import register_multi_grad_hook
 from torch.utils._pytree import tree_leaves
 
 from . import ops
-from .reference import GRAD_DTYPES, norm_partials_size
+from .reference import CHUNK
 
-ALIGN = 64  # elements: every slot starts on a 256-byte boundary, so the kernels can use vector loads
+# Every slot starts on a CHUNK boundary: the kernels use aligned vector loads, and the finalize
+# pass keeps one norm partial per CHUNK elements, so a slot's partials are its own.
+ALIGN = CHUNK
 
 
 def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int, scaler=None,
@@ -35,18 +38,30 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int,
 
 class _Slot:
     """One parameter's place in its device's flat buffer."""
-    __slots__ = ("param", "space", "segment", "start", "numel", "strides", "main", "written", "pending")
+    __slots__ = ("param", "space", "segment", "bucket", "start", "numel", "strides", "main",
+                 "written", "pending", "finished", "seen")
 
     def __init__(self, param: torch.nn.Parameter, space: _DeviceBuffer, segment: int, start: int):
         self.param, self.space, self.segment, self.start, self.numel = \
             param, space, segment, start, param.numel()
         self.strides = _contiguous_strides(param.shape)
+        self.bucket: _Bucket  # where its grads wait for a launch
         self.main: torch.Tensor  # its fp32 view of the buffer, p.main_grad once published
         self.written = False  # holds a gradient in this window (else the next one is stored, not added)
         self.pending: _Bucket | None = None  # the bucket holding its grad, not yet launched
+        self.finished = False  # the last micro-step's fused pass scaled, cast and normed it
+        self.seen = -1  # the last micro-step (count since attach) that gave it a grad
 
     def view_of(self, flat: torch.Tensor, start: int) -> torch.Tensor:
         return flat.as_strided(self.param.shape, self.strides, start)
+
+    def flat(self, t: torch.Tensor, base: int = 0) -> torch.Tensor:
+        """Its range of a flat tensor that starts at buffer index `base`."""
+        return t[self.start - base: self.start - base + self.numel]
+
+    def partials(self) -> torch.Tensor:
+        first = self.start // CHUNK
+        return self.space.partials[first: first + -(-self.numel // CHUNK)]
 
 
 def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
@@ -58,11 +73,12 @@ def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
 
 
 class _Bucket:
-    """Grads of one dtype on one device waiting for one multi-tensor launch."""
+    """Grads of one segment (device and dtype) waiting for one multi-tensor launch."""
 
-    def __init__(self, space: _DeviceBuffer, dtype: torch.dtype, max_bytes: int):
-        self.space, self.max_bytes = space, max_bytes
+    def __init__(self, space: _DeviceBuffer, segment: int, max_bytes: int):
+        self.space, self.segment, self.max_bytes = space, segment, max_bytes
         self.launch = ops.choose("accumulate_many_", space.device.type).impl
+        self.launch_last = ops.choose("accumulate_finalize_", space.device.type).impl
         self.grads: list[torch.Tensor] = []
         self.offsets: list[int] = []
         self.store: list[bool] = []
@@ -70,6 +86,8 @@ class _Bucket:
         self.bytes = 0
 
     def add(self, slot: _Slot, grad: torch.Tensor, weight: float) -> None:
+        if self.grads and grad.dtype != self.grads[0].dtype:  # one launch takes one grad dtype
+            self.flush(weight)
         self.grads.append(grad)
         self.offsets.append(slot.start)
         self.store.append(not slot.written)
@@ -82,9 +100,16 @@ class _Bucket:
     def flush(self, weight: float) -> None:
         if not self.grads:
             return
-        self.launch(self.space.buf, self.grads, self.offsets, self.store, weight)
+        space = self.space
+        if space.last_scale is None:
+            self.launch(space.buf, self.grads, self.offsets, self.store, weight)
+        else:  # the last micro-step: accumulate and finalize in the same pass
+            self.launch_last(space.buf, self.grads, self.offsets, self.store, weight, space.last_scale,
+                             space.found_inf, space.partials, space.outs[self.segment],
+                             space.segments[self.segment][1])
         for slot in self.slots:
             slot.pending = None
+            slot.finished = space.last_scale is not None
         self.grads, self.offsets, self.store, self.slots, self.bytes = [], [], [], [], 0
 
 
@@ -106,10 +131,17 @@ class _DeviceBuffer:
         self.buf = torch.zeros(end, dtype=torch.float32, device=device)  # padding stays 0 forever
         for slot in self.slots:
             slot.main = slot.view_of(self.buf, slot.start)
-        self.buckets = {dt: _Bucket(self, dt, bucket_bytes) for dt in GRAD_DTYPES}
+        self.buckets = [_Bucket(self, i, bucket_bytes) for i in range(len(self.segments))]
+        for slot in self.slots:
+            slot.bucket = self.buckets[slot.segment]
         self.found_inf = torch.zeros(1, dtype=torch.float32, device=device)
-        self.partials = [torch.zeros(norm_partials_size(e - b), device=device) for _, b, e in self.segments]
-        self.outs: list[torch.Tensor | None] = [None] * len(self.segments)
+        self.partials = torch.zeros(end // CHUNK, device=device)  # squared norm, one per CHUNK
+        self.outs: list[torch.Tensor | None] = [None] * len(self.segments)  # p.grad of non-fp32 segments
+        self.last_scale: torch.Tensor | None = None  # set while the last micro-step finalizes as it goes
+
+    def new_outs(self) -> list[torch.Tensor | None]:
+        return [None if dtype == torch.float32 else torch.empty(e - b, dtype=dtype, device=self.device)
+                for dtype, b, e in self.segments]
 
 
 class GradAccumulator:
@@ -167,6 +199,8 @@ class GradAccumulator:
         self._in_context = -1      # backwards finished inside micro_step() (-1: not in one)
         self._published = False    # p.grad holds this window's result
         self._stepped = False      # the optimizer stepped on it
+        self._micro_count = 0      # micro-steps since attach
+        self._double_grads = False  # a parameter got two grads in one micro-step (checkpointing)
 
         self._handles = [s.param.register_post_accumulate_grad_hook(self._hook_for(s)) for s in self._slots]
         self._handles.append(model.register_forward_hook(self._on_forward))
@@ -198,9 +232,14 @@ class GradAccumulator:
             raise RuntimeError(f"gacc got a sparse gradient ({g.layout}) for a parameter of shape "
                                f"{tuple(p.shape)}; sparse gradients are not supported")
         p.grad = None
-        if slot.pending is not None:  # second grad for p in this micro-step (checkpointing): keep order
-            slot.pending.flush(self._weight)
-        slot.space.buckets[g.dtype].add(slot, g if g.is_contiguous() else g.contiguous(), self._weight)
+        if slot.seen == self._micro_count:  # a second grad in this micro-step (reentrant checkpointing)
+            self._double_grads = True
+            if slot.pending is not None:  # launch the first before the second
+                slot.pending.flush(self._weight)
+            if slot.finished:
+                return self._add_to_finished(slot, g)
+        slot.seen = self._micro_count
+        slot.bucket.add(slot, g if g.is_contiguous() else g.contiguous(), self._weight)
 
     def _on_forward(self, module, args, output) -> None:
         if torch.is_grad_enabled():
@@ -224,12 +263,15 @@ class GradAccumulator:
                         "This backward did not pass through the model's forward, so autograd has already "
                         "added into p.grad of the first parameter it reached."))
             self._reset_window()
+        if self._micro_steps == self.steps - 1 and self._in_context < 0 and not self._ddp \
+                and self._micro_count > 0 and not self._double_grads:
+            self._start_last_pass()
         self._in_backward = True
         torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
 
     def _end_backward(self) -> None:
         for space in self._spaces:
-            for bucket in space.buckets.values():
+            for bucket in space.buckets:
                 bucket.flush(self._weight)
         self._in_backward = False
         if self._in_context >= 0:
@@ -238,6 +280,7 @@ class GradAccumulator:
             self._end_micro_step()
 
     def _end_micro_step(self) -> None:
+        self._micro_count += 1
         self._micro_steps += 1
         self._weight_sum += self._weight
         self._weight = 1.0
@@ -270,12 +313,37 @@ class GradAccumulator:
             if backwards:
                 self._end_micro_step()
 
-    # -- stage 2: one finalize pass per buffer, then publish ----------------------------------------
+    # -- stage 2: the finalize pass, then publish --------------------------------------------------
+
+    def _start_last_pass(self) -> None:
+        """The K-th micro-step's launches also finalize: the scale is known before its backward.
+        Not with DDP (the all-reduce comes first), micro_step() contexts or double grads."""
+        weight_sum = self._weight_sum + self._weight
+        if self.reduction == "mean" and weight_sum == 0.0:
+            return  # _finalize raises
+        for space in self._spaces:
+            space.last_scale = self._scale(weight_sum, space.device)
+            space.found_inf.zero_()
+            space.outs = space.new_outs()
+
+    def _add_to_finished(self, slot: _Slot, g: torch.Tensor) -> None:
+        """A grad for a slot that the fused pass already finalized: add it scaled, redo cast and norm.
+        Correct to fp32 rounding; fusion then stays off (double grads repeat every micro-step)."""
+        space = slot.space
+        slot.main.add_(g.float().mul_(self._weight).mul_(space.last_scale))
+        b = space.segments[slot.segment][1]
+        out = space.outs[slot.segment]
+        ops.finalize_(slot.flat(space.buf), torch.ones(1, device=space.device), space.found_inf,
+                      slot.partials(), None if out is None else slot.flat(out, b))
 
     def _finalize(self) -> None:
         for slot in self._slots:
             if not slot.written:  # stale values from an earlier window: not part of this one
                 slot.main.zero_()
+                slot.partials().zero_()
+        if any(space.last_scale is not None for space in self._spaces):
+            self._finish_last_pass()
+            return
         if self._ddp:
             written, weight_sum = self._all_reduce()
         else:
@@ -285,11 +353,22 @@ class GradAccumulator:
         for space in self._spaces:
             scale = self._scale(weight_sum, space.device)
             space.found_inf.zero_()
-            for i, (dtype, b, e) in enumerate(space.segments):
-                out = None if dtype == torch.float32 else torch.empty(e - b, dtype=dtype, device=space.device)
-                ops.finalize_(space.buf[b:e], scale, space.found_inf, space.partials[i], out)
-                space.outs[i] = out
+            space.outs = space.new_outs()
+            for (dtype, b, e), out in zip(space.segments, space.outs):
+                ops.finalize_(space.buf[b:e], scale, space.found_inf, space.partials[b // CHUNK: e // CHUNK], out)
         self._publish(written)
+
+    def _finish_last_pass(self) -> None:
+        """After a fused last micro-step: finalize the slots it did not reach, one by one."""
+        for slot in self._slots:
+            if slot.written and not slot.finished:
+                space = slot.space
+                out = space.outs[slot.segment]
+                ops.finalize_(slot.flat(space.buf), space.last_scale, space.found_inf, slot.partials(),
+                              None if out is None else slot.flat(out, space.segments[slot.segment][1]))
+        self._publish([s.written for s in self._slots])
+        for space in self._spaces:
+            space.last_scale = None
 
     def _scale(self, weight_sum: float | torch.Tensor, device: torch.device) -> torch.Tensor:
         """1 / sum(w) (reduction="mean"), times 1 / loss scale with an enabled GradScaler: on the device."""
@@ -336,12 +415,13 @@ class GradAccumulator:
 
     def _reset_window(self) -> None:
         for s in self._slots:
-            s.written = False
+            s.written = s.finished = False
             if self._published:
                 s.param.grad = None
                 s.param.main_grad = None
         for space in self._spaces:
             space.outs = [None] * len(space.segments)
+            space.last_scale = None
         self._micro_steps, self._weight_sum, self._published, self._stepped = 0, 0.0, False, False
 
     # -- what the optimizer and the scaler see ------------------------------------------------------
@@ -383,7 +463,7 @@ class GradAccumulator:
         if not self._published:
             raise RuntimeError("no gradients yet: run at least one micro-step's backward")
         first = self._spaces[0].device
-        return torch.stack([p.sum().to(first) for s in self._spaces for p in s.partials]).sum().sqrt()
+        return torch.stack([s.partials.sum().to(first) for s in self._spaces]).sum().sqrt()
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Like torch.nn.utils.clip_grad_norm_ over the model's gradients, using the fused pass's norm."""
@@ -393,9 +473,9 @@ class GradAccumulator:
         coef = (float(max_norm) / (total + 1e-6)).clamp(max=1.0).reshape(1)
         for space in self._spaces:
             c = coef.to(space.device)
-            for (dtype, b, e), out, partials in zip(space.segments, space.outs, space.partials):
+            for (dtype, b, e), out in zip(space.segments, space.outs):
                 ops.scale_(space.buf[b:e], c, out)
-                partials.mul_(c.square())  # total_norm() stays the norm of what p.grad holds
+            space.partials.mul_(c.square())  # total_norm() stays the norm of what p.grad holds
         return total
 
     # -- checkpointing and removal ------------------------------------------------------------------

@@ -445,3 +445,79 @@ def test_batchnorm_warns():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
     with pytest.warns(UserWarning, match="BatchNorm"):
         gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2)
+
+
+# -- the last micro-step finalizes in its own launches ---------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fused_last_micro_step_equals_the_separate_finalize_pass_bit_for_bit(device, dtype):
+    """K=1: the first window finalizes in a separate pass, later ones inside the accumulate launch."""
+    model = make("lm", dtype, device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    acc = gacc_kernels.attach(model, opt, steps=1)
+    x, y = batches("lm", 1, device)[0]
+    results = []
+    for window in range(2):
+        loss_fn("lm", model, x, y).backward()
+        assert all(s.finished for s in acc._slots) == (window == 1)
+        results.append(([p.main_grad.clone() for p in model.parameters()],
+                        [p.grad.clone() for p in model.parameters()], acc.total_norm()))
+        opt.zero_grad()
+    (m0, g0, n0), (m1, g1, n1) = results
+    for a, b in zip(m0 + g0, m1 + g1):
+        assert torch.equal(a, b)
+    assert torch.equal(n0, n1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_parameters_missing_from_the_last_micro_step_are_finalized_too(device):
+    model = PartlyUsed().to(device)
+    xs = [torch.randn(3, 6, device=device) for _ in range(3)]
+    use_b = [True, True, False]  # b gets no grad in the fused last micro-step
+    ref = copy.deepcopy(model)
+    for x, u in zip(xs, use_b):
+        (ref(x, u).square().mean() / 3).backward()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = gacc_kernels.attach(model, opt, steps=3)
+    for x, u in zip(xs, use_b):
+        model(x, u).square().mean().backward()
+    assert acc._slots[0].finished and not acc._slots[2].finished  # a.weight fused, b.weight not
+    for p, q in zip(model.parameters(), ref.parameters()):
+        if q.grad is None:
+            assert p.grad is None
+        else:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+    norm = torch.stack([q.grad.norm() for q in ref.parameters() if q.grad is not None]).norm()
+    torch.testing.assert_close(acc.total_norm(), norm, rtol=1e-5, atol=0)
+
+
+class SometimesShared(torch.nn.Module):
+    """Uses `shared` inside and outside a reentrant checkpoint only when asked: two grads per backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = torch.nn.Linear(8, 8)
+        self.shared = torch.nn.Linear(8, 8)
+
+    def forward(self, x, twice):
+        f = (lambda t: self.shared(self.inner(t))) if twice else self.inner
+        return self.shared(checkpoint(f, x, use_reentrant=True))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_second_grad_after_the_fused_pass_is_still_added(device):
+    model = SometimesShared().to(device)
+    xs = [torch.randn(4, 8, device=device, requires_grad=True) for _ in range(2)]
+    twice = [False, True]  # the double grad first appears in the fused last micro-step
+    ref = copy.deepcopy(model)
+    for x, t in zip(xs, twice):
+        (ref(x, t).square().mean() / 2).backward()
+    acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2, reduction="mean")
+    for x, t in zip(xs, twice):
+        model(x, t).square().mean().backward()
+    assert acc._double_grads
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+    norm = torch.stack([q.grad.norm() for q in ref.parameters()]).norm()
+    torch.testing.assert_close(acc.total_norm(), norm, rtol=1e-5, atol=0)
