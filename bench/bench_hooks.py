@@ -104,13 +104,14 @@ def window(model, k, variant, helper=None, acc=None):
         p.grad = None
 
 
-def run_variant(model, variant, ks):
+def run_variant(model, variant, ks, bucket_mb=None):
     """{k: ms per optimizer step} and ms per steady micro-step."""
     helper = acc = None
     params = list(model.parameters())
+    buckets = {} if bucket_mb is None else {"bucket_bytes": bucket_mb << 20}
     if variant == "gacc":
         opt = torch.optim.SGD(params, lr=0.0)
-        acc = gacc_kernels.attach(model, opt, steps=10**9)
+        acc = gacc_kernels.attach(model, opt, steps=10**9, **buckets)
     elif variant == "b-grad_dtype":
         for p in params:
             p.grad_dtype = torch.float32
@@ -132,7 +133,7 @@ def run_variant(model, variant, ks):
     per_step = {}
     for k in ks:
         if variant == "gacc":
-            acc = gacc_kernels.attach(model, opt, steps=k)
+            acc = gacc_kernels.attach(model, opt, steps=k, **buckets)
         per_step[k] = events_ms(lambda: window(model, k, variant, helper, acc), reps=5, warmup=1)
         if acc is not None:
             acc.remove()
@@ -187,6 +188,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--quick", action="store_true", help="smaller sets, for a smoke run")
+    ap.add_argument("--bucket-sweep", action="store_true", help="also time gacc at several bucket sizes")
     args = ap.parse_args()
     torch.manual_seed(0)
     dev = "cuda"
@@ -234,6 +236,10 @@ def main() -> None:
             f"K={k}: {results['gacc'][0][k] / floor[k]:.3f}" for k in ks) + "\n")
         md.append(f"Host time per hook call (median): gacc {hook_host_us(model, 'gacc'):.2f} us, "
                   f"c-megatron {hook_host_us(model, 'c'):.2f} us.\n")
+        if args.bucket_sweep:
+            sweep = [[mb, *reversed(run_variant(model, "gacc", [8], bucket_mb=mb))] for mb in (8, 32, 128, 512)]
+            md.append("gacc by bucket size:\n\n" + table(
+                ["bucket MiB", "ms / micro-step", "ms / step K=8"], [[mb, micro, step[8]] for mb, micro, step in sweep]))
         del model
         torch.cuda.empty_cache()
 
