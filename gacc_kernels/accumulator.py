@@ -30,7 +30,7 @@ ALIGN = CHUNK
 
 
 def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int, scaler=None,
-           reduction: str = "mean", bucket_bytes: int = 32 << 20) -> GradAccumulator:
+           reduction: str = "mean", bucket_bytes: int = 128 << 20) -> GradAccumulator:
     """Accumulate `steps` micro-steps of gradients in fp32 before each optimizer step. See GradAccumulator."""
     return GradAccumulator(model, optimizer, steps, scaler=scaler, reduction=reduction,
                            bucket_bytes=bucket_bytes)
@@ -155,7 +155,7 @@ class GradAccumulator:
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int, *,
-                 scaler=None, reduction: str = "mean", bucket_bytes: int = 32 << 20):
+                 scaler=None, reduction: str = "mean", bucket_bytes: int = 128 << 20):
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be an int >= 1 (the micro-steps per optimizer step), got {steps!r}")
         if reduction not in ("mean", "sum"):
