@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Reproduces bench/results on a CUDA machine where gacc_kernels is installed (pip install
+# --no-build-isolation -e .): the GPU test run, the kernel, hook-path and end-to-end benchmarks,
+# and the demo, each stamped with device, versions and date.
+#   bash bench/run.sh [OUT_DIR]     (default: bench/results/<today>)
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+out=$(mkdir -p "${1:-$root/bench/results/$(date +%F)}" && cd "${1:-$root/bench/results/$(date +%F)}" && pwd)
+export PYTHONUNBUFFERED=1
+cd "$root"
+(nvidia-smi --query-gpu=name,driver_version --format=csv && python3 -m gacc_kernels) > "$out/backends.txt"
+python3 -m pytest -q -p no:cacheprovider 2>&1 | tail -n 3 > "$out/tests_gpu.txt"
+cd "$root/bench"
+python3 bench_kernels.py --out "$out"
+python3 bench_hooks.py --out "$out" --bucket-sweep
+python3 bench_e2e.py --out "$out"
+python3 demo.py > "$out/demo.txt"
+echo "results in $out"
