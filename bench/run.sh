@@ -9,7 +9,7 @@ out=$(mkdir -p "${1:-$root/bench/results/$(date +%F)}" && cd "${1:-$root/bench/r
 export PYTHONUNBUFFERED=1
 cd "$root"
 (nvidia-smi --query-gpu=name,driver_version --format=csv && python3 -m gacc_kernels) > "$out/backends.txt"
-python3 -m pytest -q -p no:cacheprovider 2>&1 | tail -n 3 > "$out/tests_gpu.txt"
+python3 -m pytest -q -p no:cacheprovider > "$out/tests_gpu.txt" 2>&1 || { tail -n 30 "$out/tests_gpu.txt"; exit 1; }
 cd "$root/bench"
 python3 bench_kernels.py --out "$out"
 python3 bench_hooks.py --out "$out" --bucket-sweep
