@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 
 import torch
 
@@ -54,8 +55,8 @@ def reference_grads(model, data):
     return {p: r / K for p, r in ref.items()}
 
 
-def run(model, data, variant):
-    """Returns (ms per optimizer step, peak GiB, the fp32 grads the optimizer would read)."""
+def run(model, data, variant, keep_grads):
+    """Returns (ms per optimizer step, peak GiB, the fp32 grads the optimizer would read or None)."""
     params = list(model.parameters())
     opt = torch.optim.SGD(params, lr=0.0)
     helper = acc = None
@@ -82,18 +83,20 @@ def run(model, data, variant):
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    ms = events_ms(step, reps=3, warmup=1)
+    ms = events_ms(step, reps=2, warmup=1)
     peak = torch.cuda.max_memory_allocated() / 2**30
-    backwards()  # one more window, kept, for the error
-    if variant == "c-megatron":
-        torch._amp_foreach_non_finite_check_and_unscale_(helper.main, helper.found_inf, helper.inv_scale)
-    if variant == "gacc":
-        grads = [p.main_grad for p in params]
-    elif variant in ("c-megatron", "d-naive"):
-        grads = helper.main
-    else:
-        grads = [p.grad for p in params]
-    grads = [g.float().clone() for g in grads]
+    grads = None
+    if keep_grads:
+        backwards()  # one more window, kept, for the error
+        if variant == "c-megatron":
+            torch._amp_foreach_non_finite_check_and_unscale_(helper.main, helper.found_inf, helper.inv_scale)
+        if variant == "gacc":
+            grads = [p.main_grad for p in params]
+        elif variant in ("c-megatron", "d-naive"):
+            grads = helper.main
+        else:
+            grads = [p.grad for p in params]
+        grads = [g.float().clone() for g in grads]
     if acc is not None:
         opt.zero_grad()
         acc.remove()
@@ -112,6 +115,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--micro", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     model = build(args.layers)
     n = sum(p.numel() for p in model.parameters())
@@ -120,22 +124,35 @@ def main() -> None:
     ref_list = [ref[p] for p in model.parameters()]
     ref_norm = torch.sqrt(sum((r * r).sum() for r in ref_list))
     del ref
+    variants = ["gacc", "a-bf16", "b-grad_dtype", "c-megatron", "d-naive"]
+    times = {v: [] for v in variants}
+    peaks = {v: 0.0 for v in variants}
+    errors = {}
+    for rnd in range(args.rounds):  # variants interleaved, the order rotated each round
+        for variant in variants[rnd % len(variants):] + variants[:rnd % len(variants)]:
+            ms, peak, grads = run(model, data, variant, keep_grads=rnd == 0)
+            times[variant].append(ms)
+            peaks[variant] = max(peaks[variant], peak)
+            if grads is not None:
+                err = torch.sqrt(sum(((g.double() - r) ** 2).sum() for g, r in zip(grads, ref_list))) / ref_norm
+                worst = max(((g.double() - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
+                            for g, r in zip(grads, ref_list))
+                errors[variant] = (err.item(), worst)
+            del grads
+    tokens = K * args.micro * args.seq
     rows = []
-    for variant in ["gacc", "a-bf16", "b-grad_dtype", "c-megatron", "d-naive"]:
-        ms, peak, grads = run(model, data, variant)
-        err = torch.sqrt(sum(((g.double() - r) ** 2).sum() for g, r in zip(grads, ref_list))) / ref_norm
-        worst = max(((g.double() - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
-                    for g, r in zip(grads, ref_list))
-        tokens = K * args.micro * args.seq
-        rows.append([variant, ms, tokens / ms * 1e3, peak, err.item(), worst])
-        del grads
+    for v in variants:
+        ms = statistics.median(times[v])
+        rows.append([v, ms, min(times[v]), max(times[v]), tokens / ms * 1e3, peaks[v], *errors[v]])
     md = [f"# End to end: LlamaForCausalLM, {n / 1e9:.3f} B parameters, bf16, K={K}\n\n{stamp()}\n",
           __doc__,
           f"Micro-batch {args.micro} x {args.seq} tokens, eager attention (deterministic backward), "
           f"{args.layers} layers. Error: ||g - g64|| / ||g64|| over all parameters, and the worst "
           "per-tensor max|g - g64| / max|g64|.\n",
-          table(["variant", "ms / optimizer step", "tokens/s", "peak GiB", "rel. L2 error", "worst max error"],
-                rows)]
+          f"Timing: median over {args.rounds} rounds (variants interleaved, order rotated), each round the "
+          "median of 2 windows after 1 warm-up.\n",
+          table(["variant", "ms / optimizer step", "min", "max", "tokens/s", "peak GiB", "rel. L2 error",
+                 "worst max error"], rows)]
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "e2e.md"), "w") as f:
         f.write("\n".join(md) + "\n")
