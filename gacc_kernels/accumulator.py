@@ -329,21 +329,31 @@ class GradAccumulator:
     def _add_to_finished(self, slot: _Slot, g: torch.Tensor) -> None:
         """A grad for a slot that the fused pass already finalized: add it scaled, redo cast and norm.
         Correct to fp32 rounding; fusion then stays off (double grads repeat every micro-step)."""
+        slot.main.add_(g.float().mul_(self._weight).mul_(slot.space.last_scale))
+        self._finalize_slot(slot, torch.ones(1, device=slot.space.device))
+
+    def _finalize_slot(self, slot: _Slot, scale: torch.Tensor) -> None:
         space = slot.space
-        slot.main.add_(g.float().mul_(self._weight).mul_(space.last_scale))
-        b = space.segments[slot.segment][1]
         out = space.outs[slot.segment]
-        ops.finalize_(slot.flat(space.buf), torch.ones(1, device=space.device), space.found_inf,
-                      slot.partials(), None if out is None else slot.flat(out, b))
+        ops.finalize_(slot.flat(space.buf), scale, space.found_inf, slot.partials(),
+                      None if out is None else slot.flat(out, space.segments[slot.segment][1]))
 
     def _finalize(self) -> None:
+        fused = self._spaces[0].last_scale is not None  # the last micro-step finalized as it went
         for slot in self._slots:
             if not slot.written:  # stale values from an earlier window: not part of this one
                 slot.main.zero_()
                 slot.partials().zero_()
-        if any(space.last_scale is not None for space in self._spaces):
-            self._finish_last_pass()
-            return
+            elif fused and not slot.finished:  # no grad in the last micro-step
+                self._finalize_slot(slot, slot.space.last_scale)
+        if fused:
+            written = [s.written for s in self._slots]
+        else:
+            written = self._finalize_pass()
+        self._publish(written)
+
+    def _finalize_pass(self) -> list[bool]:
+        """One finalize_ launch per segment; returns which slots hold gradients."""
         if self._ddp:
             written, weight_sum = self._all_reduce()
         else:
@@ -356,19 +366,7 @@ class GradAccumulator:
             space.outs = space.new_outs()
             for (dtype, b, e), out in zip(space.segments, space.outs):
                 ops.finalize_(space.buf[b:e], scale, space.found_inf, space.partials[b // CHUNK: e // CHUNK], out)
-        self._publish(written)
-
-    def _finish_last_pass(self) -> None:
-        """After a fused last micro-step: finalize the slots it did not reach, one by one."""
-        for slot in self._slots:
-            if slot.written and not slot.finished:
-                space = slot.space
-                out = space.outs[slot.segment]
-                ops.finalize_(slot.flat(space.buf), space.last_scale, space.found_inf, slot.partials(),
-                              None if out is None else slot.flat(out, space.segments[slot.segment][1]))
-        self._publish([s.written for s in self._slots])
-        for space in self._spaces:
-            space.last_scale = None
+        return written
 
     def _scale(self, weight_sum: float | torch.Tensor, device: torch.device) -> torch.Tensor:
         """1 / sum(w) (reduction="mean"), times 1 / loss scale with an enabled GradScaler: on the device."""
@@ -405,6 +403,8 @@ class GradAccumulator:
                 out = space.outs[slot.segment]
                 p.grad = slot.main if out is None else \
                     slot.view_of(out, slot.start - space.segments[slot.segment][1])
+        for space in self._spaces:
+            space.last_scale = None
         self._published, self._stepped = True, False
 
     def _finalize_if_pending(self) -> None:
