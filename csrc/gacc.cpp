@@ -134,21 +134,13 @@ void check_accumulate_finalize(
     const c10::List<bool>& store,
     const at::Tensor& scale,
     const at::Tensor& found_inf,
-    const at::Tensor& norm_partials,
-    const std::optional<at::Tensor>& out,
-    int64_t out_offset) {
+    const at::Tensor& norm_partials) {
   constexpr const char* op = "gacc::accumulate_finalize_";
   check_accumulate_many(buf, grads, offsets, store);
   check_fp32_scalar(op, "scale", scale, buf);
   check_fp32_scalar(op, "found_inf", found_inf, buf);
   check_fp32_contiguous(op, "norm_partials", norm_partials);
   check_same_device(op, "norm_partials", norm_partials, "buf", buf);
-  if (out.has_value()) {
-    TORCH_CHECK(
-        is_float_type(out->scalar_type()) && out->is_contiguous(), op,
-        ": out must be a contiguous float32, bfloat16 or float16 tensor");
-    check_same_device(op, "out", *out, "buf", buf);
-  }
   for (size_t i = 0; i < grads.size(); ++i) {
     const int64_t begin = offsets[i];
     const int64_t chunks = (grads[i].numel() + kFinalizeChunk - 1) / kFinalizeChunk;
@@ -158,12 +150,6 @@ void check_accumulate_finalize(
     TORCH_CHECK(
         begin / kFinalizeChunk + chunks <= norm_partials.numel(), op, ": norm_partials has ",
         norm_partials.numel(), " elements; it needs one per ", kFinalizeChunk, " elements of buf");
-    if (out.has_value()) {
-      TORCH_CHECK(
-          begin >= out_offset && begin - out_offset + grads[i].numel() <= out->numel(), op,
-          ": grads[", i, "] lands at out[", begin - out_offset, " : ", begin - out_offset + grads[i].numel(),
-          "], outside out of ", out->numel(), " elements; fix out_offset");
-    }
   }
 }
 
@@ -289,9 +275,8 @@ void accumulate_finalize_cpu(
     const at::Tensor& scale,
     const at::Tensor& found_inf,
     const at::Tensor& norm_partials,
-    const std::optional<at::Tensor>& out,
-    int64_t out_offset) {
-  check_accumulate_finalize(buf, grads, offsets, store, scale, found_inf, norm_partials, out, out_offset);
+    bool write_grads) {
+  check_accumulate_finalize(buf, grads, offsets, store, scale, found_inf, norm_partials);
   if (grads.empty()) {
     return;
   }
@@ -302,31 +287,29 @@ void accumulate_finalize_cpu(
   std::atomic<bool> any_nonfinite{false};
   dispatch_float_types(grads[0].scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    with_out_ptr(out, [&](auto out_ptr) {
-      for (size_t t = 0; t < grads.size(); ++t) {
-        const int64_t n = grads[t].numel();
-        float* dst = base + offsets[t];
-        const T* grad = grads[t].const_data_ptr<T>();
-        auto cast_dst = out_ptr;
-        if constexpr (!std::is_same_v<decltype(out_ptr), NoOut*>) {
-          cast_dst = out_ptr + (offsets[t] - out_offset);
-        }
-        at::parallel_for(0, (n + kFinalizeChunk - 1) / kFinalizeChunk, 1, [&](int64_t c_begin, int64_t c_end) {
-          for (int64_t c = c_begin; c < c_end; ++c) {
-            const int64_t begin = c * kFinalizeChunk;
-            const int64_t end = std::min(begin + kFinalizeChunk, n);
-            accumulate_range(dst + begin, grad + begin, end - begin, w, store.get(t));
-            double sumsq = 0.0;
-            bool nonfinite = false;
-            scale_range<true>(dst, cast_dst, s, begin, end, &sumsq, &nonfinite);
-            partials[offsets[t] / kFinalizeChunk + c] = static_cast<float>(sumsq);
-            if (nonfinite) {
-              any_nonfinite.store(true, std::memory_order_relaxed);
-            }
+    for (size_t t = 0; t < grads.size(); ++t) {
+      const int64_t n = grads[t].numel();
+      float* dst = base + offsets[t];
+      T* grad = grads[t].mutable_data_ptr<T>();
+      at::parallel_for(0, (n + kFinalizeChunk - 1) / kFinalizeChunk, 1, [&](int64_t c_begin, int64_t c_end) {
+        for (int64_t c = c_begin; c < c_end; ++c) {
+          const int64_t begin = c * kFinalizeChunk;
+          const int64_t end = std::min(begin + kFinalizeChunk, n);
+          accumulate_range(dst + begin, grad + begin, end - begin, w, store.get(t));
+          double sumsq = 0.0;
+          bool nonfinite = false;
+          if (write_grads) {  // the cast goes back over the grad it came from
+            scale_range<true>(dst, grad, s, begin, end, &sumsq, &nonfinite);
+          } else {
+            scale_range<true>(dst, static_cast<NoOut*>(nullptr), s, begin, end, &sumsq, &nonfinite);
           }
-        });
-      }
-    });
+          partials[offsets[t] / kFinalizeChunk + c] = static_cast<float>(sumsq);
+          if (nonfinite) {
+            any_nonfinite.store(true, std::memory_order_relaxed);
+          }
+        }
+      });
+    }
   });
   if (any_nonfinite.load()) {
     found_inf.mutable_data_ptr<float>()[0] = 1.0f;
@@ -355,8 +338,8 @@ TORCH_LIBRARY(gacc, m) {
       "Tensor(d!)? out) -> ()");
   m.def("scale_(Tensor(a!) buf, Tensor scale, Tensor(b!)? out) -> ()");
   m.def(
-      "accumulate_finalize_(Tensor(a!) buf, Tensor[] grads, int[] offsets, bool[] store, float weight, "
-      "Tensor scale, Tensor(b!) found_inf, Tensor(c!) norm_partials, Tensor(d!)? out, int out_offset) -> ()");
+      "accumulate_finalize_(Tensor(a!) buf, Tensor(b!)[] grads, int[] offsets, bool[] store, float weight, "
+      "Tensor scale, Tensor(c!) found_inf, Tensor(d!) norm_partials, bool write_grads) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(gacc, CPU, m) {

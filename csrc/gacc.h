@@ -33,9 +33,7 @@ void check_accumulate_finalize(
     const c10::List<bool>& store,
     const at::Tensor& scale,
     const at::Tensor& found_inf,
-    const at::Tensor& norm_partials,
-    const std::optional<at::Tensor>& out,
-    int64_t out_offset);
+    const at::Tensor& norm_partials);
 
 // accumulate_finalize_ works in chunks of this many elements: one norm partial per chunk.
 constexpr int64_t kFinalizeChunk = 1024;

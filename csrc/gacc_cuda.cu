@@ -226,33 +226,25 @@ __global__ void __launch_bounds__(kThreads) scale_kernel(
 }
 
 // accumulate_many_ and finalize_ in one pass, for the last micro-step: with acc the accumulated
-// value, v = acc * s is written to buf and (cast) to out[offset - out_offset + i]; found_inf as in
-// finalize_; block = chunk c of tensor t writes its sum of v * v to norm_partials[offset / kChunk + c].
-template <typename OutT>
+// value, v = acc * s is written to buf and, with kWriteGrads, cast back over the grad it came from
+// (which then serves as p.grad); found_inf as in finalize_; block = chunk c of tensor t writes its
+// sum of v * v to norm_partials[offset / kChunk + c].
 struct FinalArgs {
   const float* scale;
   float* found_inf;
   float* norm_partials;
-  OutT* out;
-  int64_t out_offset;
 };
 
-template <typename T, typename OutT>
+template <typename T, bool kWriteGrads>
 __global__ void __launch_bounds__(kThreads) accumulate_finalize_kernel(
-    float* buf, const __grid_constant__ ManyArgs<T> args, float w, const FinalArgs<OutT> fin) {
-  constexpr bool kHasOut = !std::is_same_v<OutT, NoOut>;
+    float* buf, const __grid_constant__ ManyArgs<T> args, float w, const FinalArgs fin) {
   int64_t chunk;
   const int t = tensor_of_block(args, &chunk);
   const int64_t n = args.numels[t];
   const bool store = args.store[t];
-  const T* grad = args.grads[t];
+  T* grad = const_cast<T*>(args.grads[t]);  // the op's schema marks grads mutable
   float* dst = buf + args.offsets[t];
-  OutT* cast_dst = nullptr;
-  bool vectors = is_aligned(dst, 16) && is_aligned(grad, sizeof(Pack<T, kItem>));
-  if constexpr (kHasOut) {
-    cast_dst = fin.out + (args.offsets[t] - fin.out_offset);
-    vectors = vectors && is_aligned(cast_dst, sizeof(Pack<OutT, kItem>));
-  }
+  const bool vectors = is_aligned(dst, 16) && is_aligned(grad, sizeof(Pack<T, kItem>));
   const float s = *fin.scale;
   float sumsq = 0.0f;
   bool nonfinite = false;
@@ -270,20 +262,20 @@ __global__ void __launch_bounds__(kThreads) accumulate_finalize_kernel(
       sumsq = fmaf(v.v[k], v.v[k], sumsq);
     }
     store_stream(dst + i, v);
-    if constexpr (kHasOut) {
-      Pack<OutT, kItem> o;
+    if constexpr (kWriteGrads) {
+      Pack<T, kItem> o;
 #pragma unroll
       for (int k = 0; k < kItem; ++k) {
-        o.v[k] = static_cast<OutT>(v.v[k]);
+        o.v[k] = static_cast<T>(v.v[k]);
       }
-      store_stream(cast_dst + i, o);
+      store_stream(grad + i, o);
     }
   } else {
     for (int64_t j = i; j < n && j < i + kItem; ++j) {
       const float v = __fmul_rn(accumulate_one(store ? 0.0f : dst[j], static_cast<float>(grad[j]), w, store), s);
       dst[j] = v;
-      if constexpr (kHasOut) {
-        cast_dst[j] = static_cast<OutT>(v);
+      if constexpr (kWriteGrads) {
+        grad[j] = static_cast<T>(v);
       }
       nonfinite |= is_nonfinite(v);
       sumsq = fmaf(v, v, sumsq);
@@ -381,9 +373,8 @@ void accumulate_finalize_cuda(
     const at::Tensor& scale,
     const at::Tensor& found_inf,
     const at::Tensor& norm_partials,
-    const std::optional<at::Tensor>& out,
-    int64_t out_offset) {
-  check_accumulate_finalize(buf, grads, offsets, store, scale, found_inf, norm_partials, out, out_offset);
+    bool write_grads) {
+  check_accumulate_finalize(buf, grads, offsets, store, scale, found_inf, norm_partials);
   if (grads.empty()) {
     return;
   }
@@ -391,18 +382,18 @@ void accumulate_finalize_cuda(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(buf.device().index());
   float* base = buf.mutable_data_ptr<float>();
   const float w = static_cast<float>(weight);
+  const FinalArgs fin{
+      scale.const_data_ptr<float>(), found_inf.mutable_data_ptr<float>(), norm_partials.mutable_data_ptr<float>()};
   dispatch_float_types(grads[0].scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    with_out_ptr(out, [&](auto* out_ptr) {
-      using OutT = std::remove_pointer_t<decltype(out_ptr)>;
-      const FinalArgs<OutT> fin{
-          scale.const_data_ptr<float>(), found_inf.mutable_data_ptr<float>(),
-          norm_partials.mutable_data_ptr<float>(), out_ptr, out_offset};
-      for_each_launch<T>(grads, offsets, store, [&](const ManyArgs<T>& args, int64_t blocks) {
-        accumulate_finalize_kernel<T, OutT>
-            <<<grid_for(blocks, "gacc::accumulate_finalize_"), kThreads, 0, stream>>>(base, args, w, fin);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+    for_each_launch<T>(grads, offsets, store, [&](const ManyArgs<T>& args, int64_t blocks) {
+      const unsigned grid = grid_for(blocks, "gacc::accumulate_finalize_");
+      if (write_grads) {
+        accumulate_finalize_kernel<T, true><<<grid, kThreads, 0, stream>>>(base, args, w, fin);
+      } else {
+        accumulate_finalize_kernel<T, false><<<grid, kThreads, 0, stream>>>(base, args, w, fin);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
 }

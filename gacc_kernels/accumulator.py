@@ -5,8 +5,9 @@ The data flow, one stage per method:
     -> _on_grad (post-accumulate-grad hook) hands it to its bucket (device, dtype), p.grad = None
     -> _Bucket.flush: one fused launch adds the bucket into its slices of the flat fp32 buffer and
        frees the low-precision grads (also at the end of every backward, in _end_backward)
-    -> the finalize pass (scale, inf check, norm, cast): in the K-th micro-step's launches themselves
-       (_start_last_pass), or after it as one pass per buffer (_finalize)
+    -> the finalize pass (scale, inf check, norm, cast): in the K-th micro-step's launches themselves,
+       which cast the result back over the incoming grads (_start_last_pass), or after it as one pass
+       per buffer (_finalize)
     -> _publish: what the optimizer reads, p.grad and p.main_grad (views of the buffer, or one cast)
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int,
 
 class _Slot:
     """One parameter's place in its device's flat buffer."""
-    __slots__ = ("param", "space", "segment", "bucket", "start", "numel", "strides", "main",
+    __slots__ = ("param", "space", "segment", "bucket", "start", "numel", "strides", "main", "out",
                  "written", "pending", "finished", "seen")
 
     def __init__(self, param: torch.nn.Parameter, space: _DeviceBuffer, segment: int, start: int):
@@ -47,6 +48,7 @@ class _Slot:
         self.strides = _contiguous_strides(param.shape)
         self.bucket: _Bucket  # where its grads wait for a launch
         self.main: torch.Tensor  # its fp32 view of the buffer, p.main_grad once published
+        self.out: torch.Tensor | None = None  # p.grad of a non-fp32 parameter once finalized
         self.written = False  # holds a gradient in this window (else the next one is stored, not added)
         self.pending: _Bucket | None = None  # the bucket holding its grad, not yet launched
         self.finished = False  # the last micro-step's fused pass scaled, cast and normed it
@@ -101,15 +103,20 @@ class _Bucket:
         if not self.grads:
             return
         space = self.space
-        if space.last_scale is None:
-            self.launch(space.buf, self.grads, self.offsets, self.store, weight)
-        else:  # the last micro-step: accumulate and finalize in the same pass
+        dtype = space.segments[self.segment][0]
+        last = space.last_scale is not None and self.grads[0].dtype == dtype
+        if last:  # the last micro-step: accumulate and finalize in one pass; a bf16/fp16 grad
+            # receives its parameter's result and becomes p.grad, so no new memory is taken
+            write = dtype != torch.float32
             self.launch_last(space.buf, self.grads, self.offsets, self.store, weight, space.last_scale,
-                             space.found_inf, space.partials, space.outs[self.segment],
-                             space.segments[self.segment][1])
-        for slot in self.slots:
+                             space.found_inf, space.partials, write)
+        else:
+            self.launch(space.buf, self.grads, self.offsets, self.store, weight)
+        for slot, grad in zip(self.slots, self.grads):
             slot.pending = None
-            slot.finished = space.last_scale is not None
+            slot.finished = last
+            if last and write:
+                slot.out = grad
         self.grads, self.offsets, self.store, self.slots, self.bytes = [], [], [], [], 0
 
 
@@ -324,7 +331,6 @@ class GradAccumulator:
         for space in self._spaces:
             space.last_scale = self._scale(weight_sum, space.device)
             space.found_inf.zero_()
-            space.outs = space.new_outs()
 
     def _add_to_finished(self, slot: _Slot, g: torch.Tensor) -> None:
         """A grad for a slot that the fused pass already finalized: add it scaled, redo cast and norm.
@@ -334,9 +340,11 @@ class GradAccumulator:
 
     def _finalize_slot(self, slot: _Slot, scale: torch.Tensor) -> None:
         space = slot.space
-        out = space.outs[slot.segment]
+        dtype = space.segments[slot.segment][0]
+        if dtype != torch.float32 and slot.out is None:
+            slot.out = torch.empty(slot.param.shape, dtype=dtype, device=space.device)
         ops.finalize_(slot.flat(space.buf), scale, space.found_inf, slot.partials(),
-                      None if out is None else slot.flat(out, space.segments[slot.segment][1]))
+                      None if slot.out is None else slot.out.view(-1))
 
     def _finalize(self) -> None:
         fused = self._spaces[0].last_scale is not None  # the last micro-step finalized as it went
@@ -399,10 +407,11 @@ class GradAccumulator:
         for slot, w in zip(self._slots, written):
             if w:
                 p, space = slot.param, slot.space
+                dtype, begin, _ = space.segments[slot.segment]
+                if dtype != torch.float32 and slot.out is None:  # a view of its segment's cast
+                    slot.out = slot.view_of(space.outs[slot.segment], slot.start - begin)
                 p.main_grad = slot.main
-                out = space.outs[slot.segment]
-                p.grad = slot.main if out is None else \
-                    slot.view_of(out, slot.start - space.segments[slot.segment][1])
+                p.grad = slot.main if dtype == torch.float32 else slot.out
         for space in self._spaces:
             space.last_scale = None
         self._published, self._stepped = True, False
@@ -416,6 +425,7 @@ class GradAccumulator:
     def _reset_window(self) -> None:
         for s in self._slots:
             s.written = s.finished = False
+            s.out = None
             if self._published:
                 s.param.grad = None
                 s.param.main_grad = None
@@ -473,8 +483,13 @@ class GradAccumulator:
         coef = (float(max_norm) / (total + 1e-6)).clamp(max=1.0).reshape(1)
         for space in self._spaces:
             c = coef.to(space.device)
-            for (dtype, b, e), out in zip(space.segments, space.outs):
-                ops.scale_(space.buf[b:e], c, out)
+            for i, ((dtype, b, e), out) in enumerate(zip(space.segments, space.outs)):
+                if dtype == torch.float32 or out is not None:  # fp32, or one cast of the whole segment
+                    ops.scale_(space.buf[b:e], c, out)
+                else:  # p.grad are the last micro-step's grads, one tensor each
+                    for slot in space.slots:
+                        if slot.segment == i and slot.out is not None:
+                            ops.scale_(slot.flat(space.buf), c, slot.out.view(-1))
             space.partials.mul_(c.square())  # total_norm() stays the norm of what p.grad holds
         return total
 

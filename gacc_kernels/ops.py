@@ -94,13 +94,13 @@ def scale_(buf: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = No
 
 def accumulate_finalize_(
     buf: torch.Tensor, grads: list[torch.Tensor], offsets: list[int], store: list[bool], weight: float,
-    scale: torch.Tensor, found_inf: torch.Tensor, norm_partials: torch.Tensor,
-    out: torch.Tensor | None = None, out_offset: int = 0,
+    scale: torch.Tensor, found_inf: torch.Tensor, norm_partials: torch.Tensor, write_grads: bool = False,
 ) -> None:
     """accumulate_many_ then finalize_ of what it wrote, in one pass (the last micro-step); offsets are
-    multiples of reference.CHUNK, with one norm partial per CHUNK elements."""
+    multiples of reference.CHUNK, with one norm partial per CHUNK elements; write_grads casts the
+    result back over each grad."""
     choose("accumulate_finalize_", buf.device.type).impl(
-        buf, grads, offsets, store, weight, scale, found_inf, norm_partials, out, out_offset)
+        buf, grads, offsets, store, weight, scale, found_inf, norm_partials, write_grads)
 
 
 def report() -> str:

@@ -6,7 +6,7 @@ Every op works in fp32 with one rounding per arithmetic step, in this order (no 
                  sum(norm_partials) = sum(v * v)
     scale:       v = buf * s;  buf = v;  out = cast(v)
     accumulate_finalize (the last micro-step): accumulate, then finalize what it wrote, with one
-                 norm partial per CHUNK elements of each grad
+                 norm partial per CHUNK elements of each grad; the cast goes back over the grad
 Buffers are fp32 and contiguous; grads are fp32, bf16 or fp16 and contiguous; `s` is a
 1-element fp32 tensor on the buffer's device, so no host sync is needed to read it.
 """
@@ -61,13 +61,13 @@ def finalize_ref(
 
 def accumulate_finalize_ref(
     buf: torch.Tensor, grads: list[torch.Tensor], offsets: list[int], store: list[bool], weight: float,
-    scale: torch.Tensor, found_inf: torch.Tensor, norm_partials: torch.Tensor,
-    out: torch.Tensor | None = None, out_offset: int = 0,
+    scale: torch.Tensor, found_inf: torch.Tensor, norm_partials: torch.Tensor, write_grads: bool = False,
 ) -> None:
     """accumulate_many_ and finalize_ in one pass over each grads[i]'s range of buf (the last micro-step).
 
     offsets are multiples of CHUNK; chunk c of grads[i] writes its sum of squares to
-    norm_partials[offsets[i] // CHUNK + c]; buf[k] is cast into out[k - out_offset]."""
+    norm_partials[offsets[i] // CHUNK + c]; with write_grads, grads[i] is overwritten with the cast
+    of its finished range (so it can serve as p.grad without a new allocation)."""
     for g, off, st in zip(grads, offsets, store):
         if off % CHUNK:
             raise ValueError(f"accumulate_finalize_: offset {off} is not a multiple of {CHUNK}")
@@ -81,8 +81,8 @@ def accumulate_finalize_ref(
         squares = torch.zeros(chunks * CHUNK, dtype=torch.float32, device=buf.device)
         squares[:n] = region.square()
         norm_partials[off // CHUNK: off // CHUNK + chunks] = squares.view(chunks, CHUNK).sum(1)
-        if out is not None:
-            out[off - out_offset: off - out_offset + n] = region
+        if write_grads:
+            g.view(-1).copy_(region)
 
 
 def scale_ref(buf: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None) -> None:

@@ -54,12 +54,12 @@ def _accumulate_many_kernel(buf_ptr, table_ptr, weight, GRAD_DTYPE: tl.constexpr
 
 @triton.jit
 def _accumulate_finalize_kernel(
-    buf_ptr, table_ptr, weight, scale_ptr, found_inf_ptr, partials_ptr, out_ptr, out_offset,
-    GRAD_DTYPE: tl.constexpr, HAS_OUT: tl.constexpr, BF16_BY_HAND: tl.constexpr, CHUNK: tl.constexpr,
+    buf_ptr, table_ptr, weight, scale_ptr, found_inf_ptr, partials_ptr,
+    GRAD_DTYPE: tl.constexpr, WRITE_GRADS: tl.constexpr, BF16_BY_HAND: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """The last micro-step: chunk c = program_id(0) of tensor t = program_id(1) (table as above):
-    v = ((store ? 0 : buf) + fp32(weight) * fp32(grad)) * scale; buf = v; out[offset - out_offset] =
-    cast(v); found_inf = 1 if any v is not finite; partials[offset / CHUNK + c] = sum(v * v)."""
+    v = ((store ? 0 : buf) + fp32(weight) * fp32(grad)) * scale; buf = v; grad = cast(v) (WRITE_GRADS);
+    found_inf = 1 if any v is not finite; partials[offset / CHUNK + c] = sum(v * v)."""
     row = table_ptr + tl.program_id(1).to(tl.int64) * 4
     grad_ptr = tl.load(row).to(tl.pointer_type(GRAD_DTYPE))
     offset = tl.load(row + 1)
@@ -72,9 +72,8 @@ def _accumulate_finalize_kernel(
     prev = tl.load(buf_ptr + offset + offs, mask=mask & keep, other=-0.0)
     v = (prev + t) * tl.load(scale_ptr)
     tl.store(buf_ptr + offset + offs, v, mask=mask)
-    if HAS_OUT:
-        tl.store(out_ptr + (offset - out_offset) + offs, _cast(v, out_ptr.dtype.element_ty, BF16_BY_HAND),
-                 mask=mask)
+    if WRITE_GRADS:
+        tl.store(grad_ptr + offs, _cast(v, GRAD_DTYPE, BF16_BY_HAND), mask=mask)
     tl.store(partials_ptr + offset // CHUNK + chunk, tl.sum(tl.where(mask, v * v, 0.0), axis=0),
              mask=chunk * CHUNK < n)
     bad = mask & ~(tl.abs(v) < float("inf"))
@@ -174,8 +173,7 @@ def accumulate_many_(
 
 def accumulate_finalize_(
     buf: torch.Tensor, grads: list[torch.Tensor], offsets: list[int], store: list[bool], weight: float,
-    scale: torch.Tensor, found_inf: torch.Tensor, norm_partials: torch.Tensor,
-    out: torch.Tensor | None = None, out_offset: int = 0,
+    scale: torch.Tensor, found_inf: torch.Tensor, norm_partials: torch.Tensor, write_grads: bool = False,
 ) -> None:
     if not grads:
         return
@@ -185,12 +183,10 @@ def accumulate_finalize_(
         if off % CHUNK or off // CHUNK + triton.cdiv(g.numel(), CHUNK) > norm_partials.numel():
             raise ValueError(f"accumulate_finalize_: offsets must be multiples of {CHUNK} and norm_partials "
                              f"needs one element per {CHUNK} elements of buf")
-        if out is not None and not (out_offset <= off and off - out_offset + g.numel() <= out.numel()):
-            raise ValueError("accumulate_finalize_: a grad lands outside out; fix out_offset")
     if most:
         _accumulate_finalize_kernel[(triton.cdiv(most, CHUNK), len(grads))](
-            buf, table, float(weight), scale, found_inf, norm_partials, out, out_offset,
-            GRAD_DTYPE=_TL_DTYPE[grads[0].dtype], HAS_OUT=out is not None, BF16_BY_HAND=_ROUND_BF16_BY_HAND,
+            buf, table, float(weight), scale, found_inf, norm_partials,
+            GRAD_DTYPE=_TL_DTYPE[grads[0].dtype], WRITE_GRADS=bool(write_grads), BF16_BY_HAND=_ROUND_BF16_BY_HAND,
             CHUNK=CHUNK, num_warps=NUM_WARPS, enable_fp_fusion=False)
 
 
