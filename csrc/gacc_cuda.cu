@@ -65,6 +65,17 @@ __device__ __forceinline__ void store_stream(T* p, const Pack<T, kItem>& v) {
   }
 }
 
+// Stores the kItem floats of v at p as OutT, rounded to nearest even.
+template <typename OutT>
+__device__ __forceinline__ void store_cast(OutT* p, const Float4& v) {
+  Pack<OutT, kItem> o;
+#pragma unroll
+  for (int k = 0; k < kItem; ++k) {
+    o.v[k] = static_cast<OutT>(v.v[k]);
+  }
+  store_stream(p, o);
+}
+
 // Exponent bits all ones: inf or NaN.
 __device__ __forceinline__ bool is_nonfinite(float v) {
   return (__float_as_uint(v) & 0x7f800000u) == 0x7f800000u;
@@ -196,12 +207,7 @@ __global__ void __launch_bounds__(kThreads) scale_kernel(
       }
       store_stream(buf + i, v);
       if constexpr (kHasOut) {
-        Pack<OutT, kItem> o;
-#pragma unroll
-        for (int k = 0; k < kItem; ++k) {
-          o.v[k] = static_cast<OutT>(v.v[k]);
-        }
-        store_stream(out + i, o);
+        store_cast(out + i, v);
       }
     } else {
       for (int64_t j = i; j < n && j < i + kItem; ++j) {
@@ -263,12 +269,7 @@ __global__ void __launch_bounds__(kThreads) accumulate_finalize_kernel(
     }
     store_stream(dst + i, v);
     if constexpr (kWriteGrads) {
-      Pack<T, kItem> o;
-#pragma unroll
-      for (int k = 0; k < kItem; ++k) {
-        o.v[k] = static_cast<T>(v.v[k]);
-      }
-      store_stream(grad + i, o);
+      store_cast(grad + i, v);
     }
   } else {
     for (int64_t j = i; j < n && j < i + kItem; ++j) {

@@ -143,12 +143,9 @@ class _DeviceBuffer:
             slot.bucket = self.buckets[slot.segment]
         self.found_inf = torch.zeros(1, dtype=torch.float32, device=device)
         self.partials = torch.zeros(end // CHUNK, device=device)  # squared norm, one per CHUNK
-        self.outs: list[torch.Tensor | None] = [None] * len(self.segments)  # p.grad of non-fp32 segments
+        # the cast of each non-fp32 segment by a separate finalize pass (p.grad are views of it)
+        self.outs: list[torch.Tensor | None] = [None] * len(self.segments)
         self.last_scale: torch.Tensor | None = None  # set while the last micro-step finalizes as it goes
-
-    def new_outs(self) -> list[torch.Tensor | None]:
-        return [None if dtype == torch.float32 else torch.empty(e - b, dtype=dtype, device=self.device)
-                for dtype, b, e in self.segments]
 
 
 class GradAccumulator:
@@ -371,7 +368,8 @@ class GradAccumulator:
         for space in self._spaces:
             scale = self._scale(weight_sum, space.device)
             space.found_inf.zero_()
-            space.outs = space.new_outs()
+            space.outs = [None if dtype == torch.float32 else torch.empty(e - b, dtype=dtype, device=space.device)
+                          for dtype, b, e in space.segments]
             for (dtype, b, e), out in zip(space.segments, space.outs):
                 ops.finalize_(space.buf[b:e], scale, space.found_inf, space.partials[b // CHUNK: e // CHUNK], out)
         return written
