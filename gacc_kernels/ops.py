@@ -110,5 +110,5 @@ def report() -> str:
     for device_type in ("cpu", "cuda"):
         for op in OPS:
             c = choose(op, device_type)
-            lines.append(f"{op:<17} on {device_type:<4}: {c.backend:<9} ({c.reason})")
+            lines.append(f"{op:<21} on {device_type:<4}: {c.backend:<9} ({c.reason})")
     return "\n".join(lines)
