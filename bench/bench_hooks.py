@@ -186,6 +186,20 @@ def hook_host_us(model, variant) -> float:
     return statistics.median(samples) / 1e3
 
 
+def _copy_bandwidth(dev: str) -> float:
+    """GB/s of a device-to-device fp32 copy of 2^28 elements, bytes read + written."""
+    src = torch.randn(1 << 28, device=dev)
+    dst = torch.empty_like(src)
+    return gbps(8 * src.numel(), time_ms(lambda: dst.copy_(src)))
+
+
+def _flat_launch_ms(n: int, dev: str) -> float:
+    """One gacc accumulate launch over n flat elements: the per-micro-step yardstick."""
+    buf = torch.zeros(n, device=dev)
+    g = torch.randn(n, device=dev).bfloat16()
+    return time_ms(lambda: gacc_kernels.accumulate_(buf, g, 1.0, False))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results")
@@ -201,10 +215,7 @@ def main() -> None:
         sets = {"llama-quick": [(4096, 2048)] * 8 + [(2048,)] * 4, "400 x 64K": [(65536,)] * 400}
     md = [f"# Hook path: gradient handling per micro-step and per optimizer step\n\n{stamp()}\n", __doc__]
 
-    dst = torch.empty(1 << 28, device=dev)
-    src = torch.randn(1 << 28, device=dev)
-    copy_bw = gbps(8 * src.numel(), time_ms(lambda: dst.copy_(src)))
-    del dst, src
+    copy_bw = _copy_bandwidth(dev)
     md.append(f"Measured device-to-device fp32 copy: {copy_bw:.0f} GB/s (read + write).\n")
 
     for set_name, shapes in sets.items():
@@ -215,10 +226,7 @@ def main() -> None:
         stolen = model.ps[0].grad.data_ptr() == model.grads[0].data_ptr()
         for p in model.parameters():
             p.grad = None
-        flat_buf = torch.zeros(n, device=dev)
-        flat_g = torch.randn(n, device=dev).bfloat16()
-        flat_ms = time_ms(lambda: gacc_kernels.accumulate_(flat_buf, flat_g, 1.0, False))
-        del flat_buf, flat_g
+        flat_ms = _flat_launch_ms(n, dev)
         results = {v: run_variant(model, v, ks) for v in variants}
         rows = []
         for v in variants:

@@ -24,40 +24,9 @@ def main() -> None:
     impls = {"cuda-ext": ext, "triton": {name: getattr(triton_ops, name) for name in ops.OPS}}
     rows, plot = [], {}
     for log2 in range(20, args.max_log2 + 1, 2):
-        n = 1 << log2
-        buf = torch.randn(n, device=dev)
-        g = torch.randn(n, device=dev).bfloat16()
-        dst = torch.empty_like(buf)
-        copy_ms = time_ms(lambda: dst.copy_(buf))
-        copy_bw = gbps(8 * n, copy_ms)
-        one = torch.ones(1, device=dev)
-        found_inf = torch.zeros(1, device=dev)
-        partials = torch.zeros(reference.norm_partials_size(n), device=dev)
-        out16 = torch.empty(n, device=dev, dtype=torch.bfloat16)
-        g_last, half = g.clone(), torch.full((1,), 0.5, device=dev)  # (buf + g) / 2 stays finite
-        cases = [("eager add_(bf16, alpha)", 10, lambda: buf.add_(g, alpha=0.125), None)]
-        for name, impl in impls.items():
-            if impl is None:
-                continue
-            cases += [
-                (f"{name} accumulate", 10, lambda impl=impl: impl["accumulate_"](buf, g, 0.125, False), name),
-                (f"{name} store", 6, lambda impl=impl: impl["accumulate_"](buf, g, 0.125, True), name),
-                (f"{name} finalize", 8,
-                 lambda impl=impl: impl["finalize_"](buf, one, found_inf, partials, None), name),
-                (f"{name} finalize+bf16 out", 10,
-                 lambda impl=impl: impl["finalize_"](buf, one, found_inf, partials, out16), name),
-                (f"{name} last micro-step (accumulate+finalize, bf16 result over the grad)", 12,
-                 lambda impl=impl: impl["accumulate_finalize_"](buf, [g_last], [0], [False], 1.0, half,
-                                                                found_inf, partials, True), name),
-            ]
-        for label, bpe, fn, _ in cases:
-            ms = time_ms(fn)
-            bw = gbps(bpe * n, ms)
-            rows.append([f"2^{log2}", label, bpe, ms, bw, 100 * bw / copy_bw])
-            plot.setdefault(label, []).append((n, bw))
-        rows.append([f"2^{log2}", "d2d copy fp32", 8, copy_ms, copy_bw, 100.0])
-        plot.setdefault("d2d copy fp32", []).append((n, copy_bw))
-        del buf, g, dst, out16, g_last
+        for row in _measure(log2, dev, impls):
+            rows.append(row)
+            plot.setdefault(row[1], []).append((1 << log2, row[4]))
         torch.cuda.empty_cache()
 
     md = [f"# Kernel bandwidth\n\n{stamp()}\n",
@@ -70,6 +39,42 @@ def main() -> None:
         f.write("\n".join(md) + "\n")
     print("\n".join(md))
     _plot(plot, os.path.join(args.out, "kernels.png"))
+
+
+def _measure(log2: int, dev: str, impls: dict) -> list[list]:
+    """Rows [n, op, bytes/elem, ms, GB/s, % of copy] at n = 2^log2 elements."""
+    n = 1 << log2
+    buf = torch.randn(n, device=dev)
+    g = torch.randn(n, device=dev).bfloat16()
+    dst = torch.empty_like(buf)
+    copy_ms = time_ms(lambda: dst.copy_(buf))
+    copy_bw = gbps(8 * n, copy_ms)
+    one = torch.ones(1, device=dev)
+    found_inf = torch.zeros(1, device=dev)
+    partials = torch.zeros(reference.norm_partials_size(n), device=dev)
+    out16 = torch.empty(n, device=dev, dtype=torch.bfloat16)
+    g_last, half = g.clone(), torch.full((1,), 0.5, device=dev)  # (buf + g) / 2 stays finite
+    cases = [("eager add_(bf16, alpha)", 10, lambda: buf.add_(g, alpha=0.125))]
+    for name, impl in impls.items():
+        if impl is None:
+            continue
+        cases += [
+            (f"{name} accumulate", 10, lambda impl=impl: impl["accumulate_"](buf, g, 0.125, False)),
+            (f"{name} store", 6, lambda impl=impl: impl["accumulate_"](buf, g, 0.125, True)),
+            (f"{name} finalize", 8, lambda impl=impl: impl["finalize_"](buf, one, found_inf, partials, None)),
+            (f"{name} finalize+bf16 out", 10,
+             lambda impl=impl: impl["finalize_"](buf, one, found_inf, partials, out16)),
+            (f"{name} last micro-step (accumulate+finalize, bf16 result over the grad)", 12,
+             lambda impl=impl: impl["accumulate_finalize_"](buf, [g_last], [0], [False], 1.0, half, found_inf,
+                                                            partials, True)),
+        ]
+    rows = []
+    for label, bpe, fn in cases:
+        ms = time_ms(fn)
+        bw = gbps(bpe * n, ms)
+        rows.append([f"2^{log2}", label, bpe, ms, bw, 100 * bw / copy_bw])
+    rows.append([f"2^{log2}", "d2d copy fp32", 8, copy_ms, copy_bw, 100.0])
+    return rows
 
 
 def _plot(series, path):

@@ -11,7 +11,7 @@ from models import batches, loss_fn, make, micro_grads, weighted_mean
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
-def run_window(model, opt, acc, kind, data, scaler=None, weights=None):
+def run_window(model, acc, kind, data, scaler=None, weights=None):
     for i, (x, y) in enumerate(data):
         if weights:
             acc.set_weight(weights[i])
@@ -48,7 +48,7 @@ def test_grads_match_float64_large_batch(device, kind, dtype, k):
     expected = [g / loss_scale for g in weighted_mean(micro_grads(model, kind, data, loss_scale))]
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     acc = gacc_kernels.attach(model, opt, steps=k, scaler=scaler)
-    run_window(model, opt, acc, kind, data, scaler)
+    run_window(model, acc, kind, data, scaler)
     if scaler:
         scaler.unscale_(opt)  # the fused pass did it; this hands the scaler found_inf
     assert_grads_match(model, expected)
@@ -68,7 +68,7 @@ def test_parameters_follow_the_large_batch_run(device, kind, k):
     acc = gacc_kernels.attach(model, opt, steps=k)
     for step in range(3):
         data = batches(kind, k, device, seed=step)
-        run_window(model, opt, acc, kind, data)
+        run_window(model, acc, kind, data)
         opt.step()
         opt.zero_grad()
         x = torch.cat([d[0] for d in data])
@@ -90,7 +90,7 @@ def test_bf16_accumulation_is_more_exact_than_stock(device):
     for x, y in data:
         (loss_fn("mlp", stock, x, y) / k).backward()
     acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=k)
-    run_window(model, None, acc, "mlp", data)
+    run_window(model, acc, "mlp", data)
     for p, q, e in zip(model.parameters(), stock.parameters(), expected):
         ours = (p.main_grad.double() - e).abs().max()
         theirs = (q.grad.double() - e).abs().max()
@@ -104,7 +104,7 @@ def test_weights_give_the_weighted_mean(device):
     data = batches("mlp", k, device)
     expected = weighted_mean(micro_grads(model, "mlp", data), weights)
     acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=k)
-    run_window(model, None, acc, "mlp", data, weights=weights)
+    run_window(model, acc, "mlp", data, weights=weights)
     assert_grads_match(model, expected)
 
 
@@ -115,7 +115,7 @@ def test_reduction_sum_for_loops_that_divide_the_loss(device):
     data = batches("mlp", k, device)
     expected = [g * k for g in weighted_mean(micro_grads(model, "mlp", data))]
     acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=k, reduction="sum")
-    run_window(model, None, acc, "mlp", data)
+    run_window(model, acc, "mlp", data)
     assert_grads_match(model, expected)
 
 
@@ -127,7 +127,7 @@ def test_early_step_uses_the_micro_steps_done(device):
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     acc = gacc_kernels.attach(model, opt, steps=8)
-    run_window(model, opt, acc, "mlp", data)
+    run_window(model, acc, "mlp", data)
     assert all(p.grad is None for p in model.parameters())
     opt.step()  # before K: finalizes the 3 micro-steps done
     for p, b, e in zip(model.parameters(), before, expected):
@@ -185,7 +185,7 @@ def test_grad_scaler_fp16_skips_on_overflow_and_moves_the_scale_like_stock(devic
     for window, poison in enumerate([False, True, False]):
         before = [p.detach().clone() for p in model.parameters()]
         handle = model.fc2.weight.register_hook(lambda g: g * float("inf")) if poison else None
-        run_window(model, opt, acc, "mlp", batches("mlp", k, device, seed=window), scaler)
+        run_window(model, acc, "mlp", batches("mlp", k, device, seed=window), scaler)
         if handle:
             handle.remove()
         scaler.step(opt)
@@ -203,7 +203,7 @@ def test_clip_grad_norm_matches_torch(device):
     data = batches("mlp", 3, device)
     expected = weighted_mean(micro_grads(model, "mlp", data))
     acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=3)
-    run_window(model, None, acc, "mlp", data)
+    run_window(model, acc, "mlp", data)
     norm = torch.stack([e.norm() for e in expected]).norm()
     max_norm = norm.item() / 4
     total = acc.clip_grad_norm_(max_norm)
@@ -259,7 +259,7 @@ def test_remove_restores_stock_behaviour_and_attach_works_again(device):
         torch.testing.assert_close(s, 2 * e, rtol=1e-5, atol=1e-8)
     opt.zero_grad()
     acc = gacc_kernels.attach(model, opt, steps=2)
-    run_window(model, opt, acc, "mlp", data)
+    run_window(model, acc, "mlp", data)
     assert all(p.grad is not None for p in model.parameters())
 
 
@@ -298,7 +298,7 @@ def test_tied_weights(device):
     data = batches("lm", 3, device)
     expected = weighted_mean(micro_grads(model, "lm", data))
     acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=3)
-    run_window(model, None, acc, "lm", data)
+    run_window(model, acc, "lm", data)
     assert model.head.weight.grad is model.embed.weight.grad
     assert_grads_match(model, expected, rtol=1e-5)
 
@@ -403,7 +403,7 @@ def test_backward_past_k_is_refused_before_anything_is_added(device):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     acc = gacc_kernels.attach(model, opt, steps=2)
     data = batches("mlp", 3, device)
-    run_window(model, opt, acc, "mlp", data[:2])
+    run_window(model, acc, "mlp", data[:2])
     finished = [p.grad.clone() for p in model.parameters()]
     with pytest.raises(RuntimeError, match="optimizer.step"):
         loss_fn("mlp", model, *data[2]).backward()
@@ -411,7 +411,7 @@ def test_backward_past_k_is_refused_before_anything_is_added(device):
         assert torch.equal(p.grad, f)
     opt.step()
     opt.zero_grad()
-    run_window(model, opt, acc, "mlp", data[1:])  # works again after the step
+    run_window(model, acc, "mlp", data[1:])  # works again after the step
     assert all(p.grad is not None for p in model.parameters())
 
 
