@@ -15,4 +15,5 @@ python3 bench_kernels.py --out "$out"
 python3 bench_hooks.py --out "$out" --bucket-sweep
 python3 bench_e2e.py --out "$out"
 python3 demo.py > "$out/demo.txt"
+python3 plot_results.py "$out"  # hooks.png and e2e.png from the tables (needs matplotlib)
 echo "results in $out"
