@@ -9,14 +9,13 @@ against a float64 accumulation of the same micro-step gradients. Variants as in 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 
 import torch
 
 import gacc_kernels
 from bench_hooks import Megatron
-from common import events_ms, stamp, table
+from common import events_ms, stamp, table, write_report
 
 K = 8
 
@@ -155,10 +154,7 @@ def main() -> None:
           "median of 2 windows after 1 warm-up.\n",
           table(["variant", "ms / optimizer step", "min", "max", "tokens/s", "peak GiB above resident", "rel. L2 error",
                  "worst max error"], rows)]
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "e2e.md"), "w") as f:
-        f.write("\n".join(md) + "\n")
-    print("\n".join(md))
+    write_report(args.out, "e2e.md", md)
 
 
 if __name__ == "__main__":

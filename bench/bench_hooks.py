@@ -15,14 +15,13 @@ returns them), so only gradient handling is timed. Variants:
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
 import torch
 
 import gacc_kernels
-from common import events_ms, gbps, stamp, table, time_ms
+from common import events_ms, gbps, stamp, table, time_ms, write_report
 
 LLAMA_1B = ([(128256, 2048)] + 16 * [(2048, 2048), (512, 2048), (512, 2048), (2048, 2048),
                                      (8192, 2048), (8192, 2048), (2048, 8192), (2048,), (2048,)] + [(2048,)])
@@ -253,10 +252,7 @@ def main() -> None:
         del model
         torch.cuda.empty_cache()
 
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "hooks.md"), "w") as f:
-        f.write("\n".join(md) + "\n")
-    print("\n".join(md))
+    write_report(args.out, "hooks.md", md)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from common import gbps, stamp, table, time_ms
+from common import gbps, stamp, table, time_ms, write_report
 from gacc_kernels import ops, reference, triton_ops
 
 
@@ -34,10 +34,7 @@ def main() -> None:
           "(accumulate: read 2 + 4, write 4; store: read 2, write 4; finalize: read 4, write 4 [+2 bf16 out]; "
           "last micro-step: read 2 + 4, write 4 + 2).\n",
           table(["n", "op", "B/elem", "ms", "GB/s", "% of copy"], rows)]
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "kernels.md"), "w") as f:
-        f.write("\n".join(md) + "\n")
-    print("\n".join(md))
+    write_report(args.out, "kernels.md", md)
     _plot(plot, os.path.join(args.out, "kernels.png"))
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import statistics
 import time
@@ -50,6 +51,14 @@ def events_ms(fn, reps: int = 10, warmup: int = 2) -> float:
         sync()
         times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times)
+
+
+def write_report(out: str, name: str, md: list[str]) -> None:
+    """Writes the markdown lines to out/name and prints them."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, name), "w") as f:
+        f.write("\n".join(md) + "\n")
+    print("\n".join(md))
 
 
 def gbps(nbytes: float, ms: float) -> float:

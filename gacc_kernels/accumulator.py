@@ -363,7 +363,7 @@ class GradAccumulator:
             written, weight_sum = self._all_reduce()
         else:
             written, weight_sum = [s.written for s in self._slots], self._weight_sum
-        if self.reduction == "mean" and not self._ddp and weight_sum == 0.0:
+        if self.reduction == "mean" and float(weight_sum) == 0.0:
             raise ValueError("every micro-step in this window had weight 0; cannot take the weighted mean")
         for space in self._spaces:
             scale = self._scale(weight_sum, space.device)
@@ -396,10 +396,7 @@ class GradAccumulator:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
         dist.all_reduce(weight_sum, group=group)
         dist.all_reduce(space.buf, group=group)
-        written = [bool(f) for f in flags.tolist()]
-        if self.reduction == "mean" and weight_sum.item() == 0.0:
-            raise ValueError("every micro-step in this window had weight 0; cannot take the weighted mean")
-        return written, weight_sum
+        return [bool(f) for f in flags.tolist()], weight_sum
 
     def _publish(self, written: list[bool]) -> None:
         for slot, w in zip(self._slots, written):

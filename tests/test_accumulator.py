@@ -521,3 +521,14 @@ def test_a_second_grad_after_the_fused_pass_is_still_added(device):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
     norm = torch.stack([q.grad.norm() for q in ref.parameters()]).norm()
     torch.testing.assert_close(acc.total_norm(), norm, rtol=1e-5, atol=0)
+
+
+def test_a_window_of_zero_weights_is_refused():
+    model = make("mlp", torch.float32, "cpu")
+    acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2)
+    data = batches("mlp", 2, "cpu")
+    acc.set_weight(0.0)
+    loss_fn("mlp", model, *data[0]).backward()
+    acc.set_weight(0.0)
+    with pytest.raises(ValueError, match="weight 0"):
+        loss_fn("mlp", model, *data[1]).backward()
