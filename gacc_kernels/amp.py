@@ -1,0 +1,61 @@
+"""amp: the only code that touches GradScaler internals.
+
+The fused pass unscales and checks for inf/NaN, so the scaler must neither unscale again nor look
+for infs itself. `scaler.unscale_(opt)` hands it gacc's found_inf; `scaler.step(opt)` does that first,
+so that optimizers that unscale inside their own step (fused Adam/AdamW/SGD, any optimizer with
+`_step_supports_amp_scaling`) get `grad_scale=None` and gacc's found_inf instead of dividing by the
+scale a second time.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+from torch.amp.grad_scaler import OptState
+
+from .patch import plain_copies, set_attr
+
+
+class ScalerBridge:
+    def __init__(self, scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer,
+                 found_infs: Callable[[], dict[torch.device, torch.Tensor]]):
+        """found_infs finalizes a pending window and returns its found_inf per device."""
+        self.scaler, self.optimizer, self.found_infs = scaler, optimizer, found_infs
+
+    def install(self, undo: contextlib.ExitStack) -> None:
+        set_attr(self.scaler, "unscale_", self.unscale_, undo)
+        set_attr(self.scaler, "step", self.step, undo)
+        plain_copies(self.scaler, undo, attrs=("unscale_", "step"))
+
+    @property
+    def enabled(self) -> bool:
+        return self.scaler.is_enabled()
+
+    def inv_scale(self, device: torch.device) -> torch.Tensor:
+        """1 / the loss scale, on the device, without a host sync."""
+        if self.scaler._scale is None:
+            raise RuntimeError("the GradScaler has no scale yet: use scaler.scale(loss).backward()")
+        return self.scaler._scale.double().reciprocal().float().to(device)
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        scaler = self.scaler
+        if optimizer is not self.optimizer:
+            return type(scaler).unscale_(scaler, optimizer)
+        if not scaler.is_enabled():
+            return
+        found = self.found_infs()
+        state = scaler._per_optimizer_states[id(optimizer)]
+        if state["stage"] is OptState.UNSCALED:
+            raise RuntimeError("unscale_() has already been called on this optimizer since the last update().")
+        if state["stage"] is OptState.STEPPED:
+            raise RuntimeError("unscale_() is being called after step().")
+        state["found_inf_per_device"] = found
+        state["stage"] = OptState.UNSCALED
+
+    def step(self, optimizer: torch.optim.Optimizer, *args, **kwargs):
+        scaler = self.scaler
+        if optimizer is self.optimizer and scaler.is_enabled() and \
+                scaler._per_optimizer_states[id(optimizer)]["stage"] is OptState.READY:
+            self.unscale_(optimizer)
+        return type(scaler).step(scaler, optimizer, *args, **kwargs)

@@ -1,0 +1,112 @@
+"""Capture: the only code that touches autograd.
+
+It hands the accumulator three events of each backward (graph task) through the model:
+    start  a multi-grad hook on the model's outputs, before any parameter's grad is accumulated
+           (or the first parameter grad, for a backward that did not pass through the outputs)
+    grad   each parameter's post-accumulate-grad hook; the grad is taken out of p.grad
+    end    a callback queued on the engine, after every grad of the backward
+A backward that raised never reaches its end: the next forward, step or zero_grad sees that and
+reports it as aborted, so the state is reset cleanly.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+from typing import Protocol
+
+import torch
+from torch.autograd.graph import register_multi_grad_hook
+from torch.utils._pytree import tree_leaves
+
+from .layout import Slot
+from .patch import plain_copies
+
+
+class Sink(Protocol):
+    def backward_starting(self, will_accumulate, accumulated: bool) -> None: ...
+    def grad_ready(self, slot: Slot, grad: torch.Tensor, stream) -> None: ...
+    def backward_done(self, delivered: bool) -> None: ...
+    def backward_aborted(self, delivered: bool) -> None: ...
+
+
+def compiled_autograd_active() -> bool:
+    """This backward runs under compiled autograd (torch._dynamo.compiled_autograd)."""
+    ca = sys.modules.get("torch._dynamo.compiled_autograd")
+    return ca is not None and bool(getattr(ca, "in_compiled_autograd_region", False))
+
+
+COMPILED_AUTOGRAD = (
+    "gacc cannot run under compiled autograd: its hooks keep Python state across micro-steps that "
+    "Dynamo cannot trace. Turn it off for the backward of a model with gacc attached "
+    "(torch._dynamo.config.compiled_autograd = False); torch.compile of the model's forward works.")
+
+
+class Capture:
+    def __init__(self, model: torch.nn.Module, slots: list[Slot], sink: Sink):
+        self.model, self.slots, self.sink = model, slots, sink
+        self.task: int | None = None  # the graph task of the backward in progress
+        self.delivered = False        # it gave a parameter a grad
+        self._lock = threading.Lock()  # parameters on several devices get hooks on several threads
+        self._nodes: list | None = None
+
+    def install(self, undo: contextlib.ExitStack) -> None:
+        for slot in self.slots:
+            undo.callback(slot.param.register_post_accumulate_grad_hook(self._hook_for(slot)).remove)
+        handle = self.model.register_forward_hook(self._on_forward)
+        undo.callback(handle.remove)
+        plain_copies(self.model, undo, forward_hook=handle.id)
+
+    def check_idle(self) -> None:
+        """Outside any backward: report a backward of ours that raised before its end."""
+        if self.task is not None and torch._C._current_graph_task_id() == -1:
+            delivered, self.task, self.delivered = self.delivered, None, False
+            self.sink.backward_aborted(delivered)
+
+    def _hook_for(self, slot: Slot):
+        def hook(p: torch.Tensor) -> None:
+            self._on_grad(slot, p)
+        return hook
+
+    def _on_forward(self, module, args, output) -> None:
+        self.check_idle()
+        if torch.is_grad_enabled():
+            tensors = [t for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.requires_grad]
+            if tensors:
+                register_multi_grad_hook(tensors, self._on_backward_start, mode="any")
+
+    def _on_backward_start(self, grad) -> None:
+        with self._lock:
+            if self.task is None:  # else a backward nested in ours (reentrant checkpointing)
+                self._begin(accumulated=False)
+
+    def _begin(self, accumulated: bool) -> None:
+        if compiled_autograd_active():
+            raise RuntimeError(COMPILED_AUTOGRAD)
+        self.sink.backward_starting(self._will_accumulate, accumulated)  # may refuse: nothing recorded yet
+        self.task, self.delivered = torch._C._current_graph_task_id(), False
+        torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
+
+    def _on_grad(self, slot: Slot, p: torch.Tensor) -> None:
+        g = p.grad
+        if g is None:
+            return
+        if self.task is None:  # a backward that did not pass through the model's outputs
+            with self._lock:
+                if self.task is None:
+                    self._begin(accumulated=True)
+        index = slot.buffer.cuda_index
+        stream = None if index is None else torch._C._cuda_getCurrentStream(index)
+        self.sink.grad_ready(slot, g, stream)
+        self.delivered = True
+        p.grad = None
+
+    def _on_backward_end(self) -> None:
+        delivered, self.task, self.delivered = self.delivered, None, False
+        self.sink.backward_done(delivered)
+
+    def _will_accumulate(self) -> bool:
+        """This backward adds into some parameter's .grad (torch.autograd.grad does not)."""
+        if self._nodes is None:
+            self._nodes = [torch.autograd.graph.get_gradient_edge(s.param).node for s in self.slots]
+        return any(torch._C._will_engine_execute_node(n) for n in self._nodes)

@@ -1,0 +1,183 @@
+"""The flat fp32 buffers: one per device, a slot per parameter, and the buckets that launch.
+
+Within a device, parameters are grouped by dtype into segments (finalize casts a segment in one pass),
+and within a segment they lie in backward order (reverse registration order). Every slot starts on a
+CHUNK boundary: the kernels use aligned vector loads, and finalize keeps one norm partial per CHUNK
+elements, so a slot's partials are its own. A bucket is a contiguous range of one segment holding
+about `bucket_bytes` of incoming grads; its grads go into the buffer in one multi-tensor launch, as
+soon as every parameter of the bucket has delivered one (else at the end of backward), so a finished
+bucket is one tensor that a collective can take.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import ops
+from .reference import CHUNK
+
+
+def dense_strides(param: torch.Tensor) -> tuple[int, ...]:
+    """The strides of a parameter's slot: its own where it is dense (channels_last and other
+    permutations, so p.grad keeps the parameter's layout), else contiguous."""
+    expected = 1
+    for stride, size in sorted((st, n) for n, st in zip(param.shape, param.stride()) if n != 1):
+        if stride != expected:
+            return torch._prims_common.make_contiguous_strides_for(param.shape)
+        expected *= size
+    return tuple(param.stride())
+
+
+class Slot:
+    """One parameter's place in its device's flat buffer, and where it stands in the window."""
+    __slots__ = ("param", "buffer", "segment", "bucket", "start", "numel", "strides", "contiguous", "main",
+                 "out", "window", "micro", "fused", "version")
+
+    def __init__(self, param: torch.nn.Parameter, buffer: DeviceBuffer, segment: int, start: int):
+        self.param, self.buffer, self.segment, self.start = param, buffer, segment, start
+        self.numel = param.numel()
+        self.strides = dense_strides(param)
+        self.contiguous = param.is_contiguous()  # then its memory order is the logical order
+        self.bucket: Bucket
+        self.main: torch.Tensor  # its fp32 view of the buffer: p.main_grad once published
+        self.out: torch.Tensor | None = None  # p.grad of a bf16/fp16 parameter, once finalized
+        # Generation counters (see window.Window): the window and the micro-step of its last grad, and
+        # the micro-step whose fused launch finalized it. It holds a grad of window w iff window == w.
+        self.window = self.micro = self.fused = -1
+        self.version = 0  # p.grad._version when published (in-place edits after that are seen)
+
+    def view_of(self, flat: torch.Tensor, start: int) -> torch.Tensor:
+        return flat.as_strided(self.param.shape, self.strides, flat.storage_offset() + start)
+
+    def flat(self, t: torch.Tensor, base: int = 0) -> torch.Tensor:
+        """Its range of a flat tensor that starts at buffer index `base`."""
+        return t[self.start - base: self.start - base + self.numel]
+
+    def partials(self) -> torch.Tensor:
+        first = self.start // CHUNK
+        return self.buffer.partials[first: first + -(-self.numel // CHUNK)]
+
+    def in_layout(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """g with the slot's strides (a copy only where it has others), and that as a 1-D tensor in
+        memory order, which is what the kernels read and the last pass writes back."""
+        if self.contiguous and g.is_contiguous():
+            return g, g
+        if g.stride() != self.strides:
+            g = torch.empty_strided(g.shape, self.strides, dtype=g.dtype, device=g.device).copy_(g)
+        return g, g.as_strided((self.numel,), (1,))
+
+
+class Bucket:
+    """A contiguous range [begin, end) of one segment, and the grads waiting for its launch."""
+
+    def __init__(self, buffer: DeviceBuffer, segment: int, slots: list[Slot]):
+        self.buffer, self.segment, self.slots = buffer, segment, slots
+        self.begin = slots[0].start
+        self.end = slots[-1].start + -(-slots[-1].numel // CHUNK) * CHUNK
+        self.dtype = buffer.segments[segment][0]
+        self.launch = ops.choose("accumulate_many_", buffer.device.type).impl
+        self.launch_last = ops.choose("accumulate_finalize_", buffer.device.type).impl
+        self.stream = None  # the CUDA stream its pending grads were produced on
+        self._clear()
+
+    def _clear(self) -> None:
+        self.grads: list[torch.Tensor] = []  # flat, for the kernel
+        self.origs: list[torch.Tensor] = []  # as produced: a bf16/fp16 one becomes p.grad in the last pass
+        self.offsets: list[int] = []
+        self.store: list[bool] = []
+        self.pending: list[Slot] = []
+
+    def add(self, slot: Slot, grad: torch.Tensor, store: bool, weight: float, stream) -> bool:
+        """Queue a grad; launch when the bucket is complete. True if it launched."""
+        if self.grads and (grad.dtype != self.grads[0].dtype or stream != self.stream):
+            self.flush(weight)  # one launch takes one grad dtype, from one stream
+        self.stream = stream
+        grad, flat = slot.in_layout(grad)
+        self.grads.append(flat)
+        self.origs.append(grad)
+        self.offsets.append(slot.start)
+        self.store.append(store)
+        self.pending.append(slot)
+        if len(self.pending) >= len(self.slots):
+            self.flush(weight)
+            return True
+        return False
+
+    def flush(self, weight: float) -> bool:
+        """Launch the pending grads into the buffer and free them. True if there were any."""
+        if not self.grads:
+            return False
+        buffer = self.buffer
+        _wait_for_producer(self)
+        fused = buffer.last_scale is not None and self.grads[0].dtype == self.dtype
+        if fused:  # the last micro-step: accumulate and finalize in one pass; a bf16/fp16 grad
+            # receives its parameter's result and becomes p.grad, so no new memory is taken
+            write = self.dtype != torch.float32
+            self.launch_last(buffer.buf, self.grads, self.offsets, self.store, weight, buffer.last_scale,
+                             buffer.found_inf, buffer.partials, write)
+            for slot, orig in zip(self.pending, self.origs):
+                slot.fused = slot.micro
+                if write:
+                    slot.out = orig
+        else:
+            self.launch(buffer.buf, self.grads, self.offsets, self.store, weight)
+        self._clear()
+        return True
+
+    def drop(self) -> None:
+        """Forget the pending grads (a backward that raised)."""
+        self._clear()
+
+
+def _wait_for_producer(bucket: Bucket) -> None:
+    """Grads made on another CUDA stream: the launch stream waits for that one, and their memory is
+    not reused before the launch has read it."""
+    if bucket.stream is None:
+        return
+    launch = torch._C._cuda_getCurrentStream(bucket.buffer.cuda_index)
+    if launch == bucket.stream:
+        return
+    producer, consumer = (torch.cuda.Stream(stream_id=s[0], device_index=s[1], device_type=s[2])
+                          for s in (bucket.stream, launch))
+    consumer.wait_stream(producer)
+    for g in bucket.origs:
+        g.record_stream(consumer)
+
+
+class DeviceBuffer:
+    """The flat fp32 buffer of one device, its slots and buckets, and what finalize writes."""
+
+    def __init__(self, device: torch.device, params: list[torch.nn.Parameter], bucket_bytes: int):
+        self.device = device
+        self.cuda_index = device.index if device.type == "cuda" else None
+        self.slots: list[Slot] = []
+        self.segments: list[tuple[torch.dtype, int, int]] = []
+        self.buckets: list[Bucket] = []
+        end = 0
+        backward_order = params[::-1]
+        for dtype in sorted({p.dtype for p in params}, key=str):
+            begin = end
+            for p in (p for p in backward_order if p.dtype == dtype):
+                self.slots.append(Slot(p, self, len(self.segments), end))
+                end += -(-p.numel() // CHUNK) * CHUNK
+            self.segments.append((dtype, begin, end))
+        self.buf = torch.zeros(end, dtype=torch.float32, device=device)  # padding stays 0 forever
+        for slot in self.slots:
+            slot.main = slot.view_of(self.buf, slot.start)
+        for segment in range(len(self.segments)):
+            members, size = [], 0
+            for slot in (s for s in self.slots if s.segment == segment):
+                members.append(slot)
+                size += slot.numel * slot.param.element_size()
+                if size >= bucket_bytes:
+                    self.buckets.append(Bucket(self, segment, members))
+                    members, size = [], 0
+            if members:
+                self.buckets.append(Bucket(self, segment, members))
+        for bucket in self.buckets:
+            for slot in bucket.slots:
+                slot.bucket = bucket
+        self.found_inf = torch.zeros(1, dtype=torch.float32, device=device)
+        self.partials = torch.zeros(end // CHUNK, device=device)  # squared norm, one per CHUNK
+        # the cast of each bf16/fp16 segment by a separate finalize pass (p.grad are views of it)
+        self.outs: list[torch.Tensor | None] = [None] * len(self.segments)
+        self.last_scale: torch.Tensor | None = None  # set while the last micro-step finalizes as it goes

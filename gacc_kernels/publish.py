@@ -1,0 +1,64 @@
+"""Publish: what the optimizer reads.
+
+p.main_grad is the fp32 result, a view of the buffer. p.grad is the same view for an fp32 parameter,
+and one rounding of it for a bf16/fp16 one. An in-place change of such a p.grad after publishing
+(torch.nn.utils.clip_grad_norm_, a GradScaler that gacc does not own) is carried into p.main_grad at
+the optimizer step, at p.grad's precision and with a warning, so that the two never disagree.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .layout import DeviceBuffer, Slot
+
+
+def publish(buffers: list[DeviceBuffer], slots: list[Slot], written: list[bool]) -> None:
+    for slot, w in zip(slots, written):
+        if not w:
+            continue
+        p, buffer = slot.param, slot.buffer
+        dtype, begin, _ = buffer.segments[slot.segment]
+        p.main_grad = slot.main
+        if dtype == torch.float32:
+            p.grad = slot.main
+            continue
+        if slot.out is None:  # a view of its segment's cast
+            slot.out = slot.view_of(buffer.outs[slot.segment], slot.start - begin)
+        p.grad = slot.out
+        slot.version = slot.out._version
+    for buffer in buffers:
+        buffer.last_scale = None
+
+
+def withdraw(slots: list[Slot]) -> None:
+    """Take a window's result back from the parameters."""
+    for slot in slots:
+        slot.out = None
+        p = slot.param
+        p.grad = None
+        p.main_grad = None
+
+
+def mark_current(slots: list[Slot]) -> None:
+    """gacc itself changed p.grad and p.main_grad together (clipping)."""
+    for slot in slots:
+        if slot.out is not None:
+            slot.version = slot.out._version
+
+
+def carry_in_place_edits(slots: list[Slot]) -> None:
+    """Copy into p.main_grad the bf16/fp16 p.grad that were changed in place after publishing."""
+    edited = [s for s in slots if s.out is not None and s.param.grad is not None
+              and (s.param.grad is not s.out or s.out._version != s.version)]
+    if not edited:
+        return
+    for s in edited:
+        s.out = s.param.grad
+        s.main.copy_(s.out)
+        s.version = s.out._version
+    warnings.warn(
+        f"p.grad of {len(edited)} bf16/fp16 parameters was changed in place after gacc finished the window "
+        "(torch.nn.utils.clip_grad_norm_, say); p.main_grad now follows it, at its precision. "
+        "acc.clip_grad_norm_() clips both in fp32.", stacklevel=4)
