@@ -88,6 +88,8 @@ class GradAccumulator:
         self.model, self.optimizer, self.steps, self.reduction = model, optimizer, steps, reduction
         self.window = Window(steps)
         self._params = params  # registration order, to see replaced parameters
+        owner = {id(p): (m, n) for m in model.modules() for n, p in m._parameters.items() if p is not None}
+        self._owners = [(*owner[id(p)], p) for p in params]  # where each one is held: (module, name, p)
         self._n_opt_params = sum(len(g["params"]) for g in optimizer.param_groups)
         devices = list(dict.fromkeys(p.device for p in params))
         ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
@@ -114,6 +116,8 @@ class GradAccumulator:
     # -- capture's events -----------------------------------------------------------------------
 
     def backward_starting(self, will_accumulate, accumulated: bool) -> None:
+        if any(m._parameters.get(n) is not p for m, n, p in self._owners):
+            raise RuntimeError(self._replaced_message)
         w = self.window
         if w.state is State.BROKEN:
             raise RuntimeError(self._broken_message())
@@ -307,7 +311,7 @@ class GradAccumulator:
         self._finish_pending()
         if self.window.state not in (State.FINISHED, State.STEPPED):
             raise RuntimeError("unscale_() with no gradients: run at least one micro-step's backward first")
-        return {b.device: b.found_inf for b in self._buffers}
+        return {b.device: b.found_inf.view(()) for b in self._buffers}  # 0-dim, as GradScaler makes them
 
     def total_norm(self) -> torch.Tensor:
         """L2 norm of the finished window's gradients (fp32, from the fused pass; no extra read)."""

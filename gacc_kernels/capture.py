@@ -1,8 +1,8 @@
 """Capture: the only code that touches autograd.
 
 It hands the accumulator three events of each backward (graph task) through the model:
-    start  a multi-grad hook on the model's outputs, before any parameter's grad is accumulated
-           (or the first parameter grad, for a backward that did not pass through the outputs)
+    start  a grad hook on each of the model's outputs, the first of which fires before any parameter's
+           grad is accumulated (or the first parameter grad, for a backward that bypasses the outputs)
     grad   each parameter's post-accumulate-grad hook; the grad is taken out of p.grad
     end    a callback queued on the engine, after every grad of the backward
 A backward that raised never reaches its end: the next forward, step or zero_grad sees that and
@@ -16,7 +16,6 @@ import threading
 from typing import Protocol
 
 import torch
-from torch.autograd.graph import register_multi_grad_hook
 from torch.utils._pytree import tree_leaves
 
 from .layout import Slot
@@ -71,13 +70,17 @@ class Capture:
     def _on_forward(self, module, args, output) -> None:
         self.check_idle()
         if torch.is_grad_enabled():
-            tensors = [t for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.requires_grad]
-            if tensors:
-                register_multi_grad_hook(tensors, self._on_backward_start, mode="any")
+            for t in tree_leaves(output):
+                if isinstance(t, torch.Tensor) and t.requires_grad:
+                    t.register_hook(self._on_backward_start)
 
     def _on_backward_start(self, grad) -> None:
+        # Plain tensor hooks, not register_multi_grad_hook: Dynamo cannot trace that one, and under
+        # compiled autograd with fullgraph=True the user would see its error instead of ours.
+        if compiled_autograd_active():
+            raise RuntimeError(COMPILED_AUTOGRAD)
         with self._lock:
-            if self.task is None:  # else a backward nested in ours (reentrant checkpointing)
+            if self.task is None:  # else this backward has begun, or one is nested in ours (checkpointing)
                 self._begin(accumulated=False)
 
     def _begin(self, accumulated: bool) -> None:
@@ -109,4 +112,7 @@ class Capture:
         """This backward adds into some parameter's .grad (torch.autograd.grad does not)."""
         if self._nodes is None:
             self._nodes = [torch.autograd.graph.get_gradient_edge(s.param).node for s in self.slots]
-        return any(torch._C._will_engine_execute_node(n) for n in self._nodes)
+        try:
+            return any(torch._C._will_engine_execute_node(n) for n in self._nodes)
+        except RuntimeError:  # torch.autograd.grad() refuses leaf nodes here, and accumulates into none
+            return False

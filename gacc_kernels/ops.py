@@ -3,7 +3,8 @@ then the pure-PyTorch reference, by device and availability. `python -m gacc_ker
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -12,9 +13,13 @@ from . import reference
 OPS = ("accumulate_", "accumulate_many_", "finalize_", "scale_", "accumulate_finalize_")
 
 try:
-    from . import _C  # noqa: F401  (registers torch.ops.gacc.*)
+    from . import _C  # registers torch.ops.gacc.*
 
-    EXTENSION_ERROR = None
+    if getattr(_C, "CHUNK", None) != reference.CHUNK:  # a stale build, from before CHUNK changed
+        EXTENSION_ERROR = (f"C++ extension not used: built with CHUNK={getattr(_C, 'CHUNK', None)}, but "
+                           f"reference.CHUNK is {reference.CHUNK}; rebuild it (pip install --no-build-isolation -e .)")
+    else:
+        EXTENSION_ERROR = None
 except ImportError as e:  # not built, or built against another torch
     EXTENSION_ERROR = f"C++ extension not loaded: {e}"
 
@@ -43,7 +48,7 @@ class Choice(NamedTuple):
     reason: str
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def choose(op: str, device_type: str) -> Choice:
     """The implementation of `op` for tensors on `device_type`, and why it was chosen."""
     if op not in OPS:
@@ -52,8 +57,8 @@ def choose(op: str, device_type: str) -> Choice:
     if device_type == "cuda":
         if _extension_has(op, "CUDA"):
             return Choice("extension", getattr(torch.ops.gacc, op).default, "compiled CUDA kernels")
-        why = EXTENSION_ERROR or "CUDA extension not built: the extension was compiled without CUDA " \
-                                 "(torch had no CUDA, nvcc was not found, or GACC_CUDA=0)"
+        why = EXTENSION_ERROR or ("CUDA extension not built: the extension was compiled without CUDA "
+                                  "(torch had no CUDA, nvcc was not found, or GACC_CUDA=0)")
         if triton_ops is not None:
             return Choice("triton", getattr(triton_ops, op), why)
         return Choice("reference", ref, f"{why}; {TRITON_ERROR}")
@@ -105,8 +110,8 @@ def accumulate_finalize_(
 
 def report() -> str:
     """One line per op and device type: the backend it uses and why."""
-    lines = [f"torch {torch.__version__} (CUDA {torch.version.cuda}), "
-             f"GPU available: {torch.cuda.is_available()}"]
+    lines = [(f"torch {torch.__version__} (CUDA {torch.version.cuda}), "
+             f"GPU available: {torch.cuda.is_available()}")]
     for device_type in ("cpu", "cuda"):
         for op in OPS:
             c = choose(op, device_type)

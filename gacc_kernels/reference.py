@@ -16,11 +16,13 @@ import torch
 
 GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 OUT_DTYPES = GRAD_DTYPES
-CHUNK = 1024  # accumulate_finalize_ writes one norm partial per CHUNK elements
+# accumulate_finalize_ writes one norm partial per CHUNK elements. The one definition: setup.py reads
+# this line and compiles the C++/CUDA code with -DGACC_CHUNK=CHUNK (a power of two, as tl.arange needs).
+CHUNK = 1024
 
 
 def norm_partials_size(numel: int) -> int:
-    """How many partial sums finalize should write for `numel` elements: one per 1024-element
+    """How many partial sums finalize should write for `numel` elements: one per CHUNK-element
     block, so the pass runs with a one-shot grid. Any size >= 1 is correct."""
     return max(1, -(-numel // CHUNK))
 

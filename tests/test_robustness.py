@@ -1,0 +1,208 @@
+"""Failures in the middle of things: attach that fails partway, a backward that raises, in-place edits
+of the published p.grad. Each leaves the model exact or refuses clearly."""
+import warnings
+
+import pytest
+import torch
+
+import gacc_kernels
+from models import batches, loss_fn, make, micro_grads, weighted_mean
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def assert_stock(model, device):
+    """No gacc hook is left: a backward fills p.grad as stock PyTorch does."""
+    assert not model._forward_hooks
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
+    ref = [g for g in micro_grads(model, "mlp", batches("mlp", 1, device))[0]]
+    loss_fn("mlp", model, *batches("mlp", 1, device)[0]).backward()
+    for p, e in zip(model.parameters(), ref):
+        torch.testing.assert_close(p.grad.double(), e, rtol=1e-6, atol=0)
+        p.grad = None
+
+
+# -- attach is atomic -------------------------------------------------------------------------------
+
+def test_attach_that_fails_partway_leaves_nothing_behind(monkeypatch):
+    model = make("mlp", torch.float32, "cpu")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def refuse(self, hook):
+        raise RuntimeError("no post hooks here")
+    monkeypatch.setattr(torch.optim.SGD, "register_step_post_hook", refuse)
+    with pytest.raises(RuntimeError, match="no post hooks here"):
+        gacc_kernels.attach(model, opt, steps=2)
+    monkeypatch.undo()
+    assert "zero_grad" not in opt.__dict__ and not opt._optimizer_step_pre_hooks
+    assert_stock(model, "cpu")
+    gacc_kernels.attach(model, opt, steps=2)  # and it works again
+
+
+class Wrapper:
+    """Like a framework's optimizer wrapper (AcceleratedOptimizer): not a torch.optim.Optimizer."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+        self.param_groups = optimizer.param_groups
+
+
+def test_an_optimizer_wrapper_is_refused_with_a_pointer_to_the_integrations():
+    model = make("mlp", torch.float32, "cpu")
+    with pytest.raises(TypeError, match="integrations"):
+        gacc_kernels.attach(model, Wrapper(torch.optim.SGD(model.parameters(), lr=0.1)), steps=2)
+    assert_stock(model, "cpu")
+
+
+# -- an exception inside backward -------------------------------------------------------------------
+
+class _Raise(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, when):
+        ctx.when = when
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        if ctx.when():
+            raise torch.OutOfMemoryError("simulated OOM in backward")
+        return g, None
+
+
+class Faulty(torch.nn.Module):
+    """An MLP whose backward raises, on demand, after the head's grads (or before any grad)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = make("mlp", torch.float32, "cpu")
+        self.fail_mid = self.fail_first = False
+
+    def forward(self, x):
+        h = torch.nn.functional.gelu(self.body.fc2(torch.nn.functional.gelu(self.body.fc1(x))))
+        out = self.body.head(_Raise.apply(h, lambda: self.fail_mid))
+        return _Raise.apply(out, lambda: self.fail_first)
+
+
+def faulty_loss(model, x, y):
+    return torch.nn.functional.mse_loss(model(x), y)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_backward_that_raises_after_some_grads_breaks_the_window_until_zero_grad(device):
+    model = Faulty().to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = gacc_kernels.attach(model, opt, steps=3)
+    data = batches("mlp", 3, device)
+    faulty_loss(model, *data[0]).backward()
+    model.fail_mid = True
+    with pytest.raises(torch.OutOfMemoryError):
+        faulty_loss(model, *data[1]).backward()  # head's grads are in; the body's never come
+    model.fail_mid = False
+    with pytest.raises(RuntimeError, match="zero_grad"):
+        faulty_loss(model, *data[1]).backward()
+    with pytest.raises(RuntimeError, match="zero_grad"):
+        opt.step()
+    opt.zero_grad()  # discards the window; the next one is exact
+    expected = weighted_mean(_grads(model, data))
+    for x, y in data:
+        faulty_loss(model, x, y).backward()
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad.double(), e, rtol=0, atol=2e-6 * e.abs().max().item())
+    assert acc.window.done == 3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_backward_that_raises_before_any_grad_changes_nothing(device):
+    model = Faulty().to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gacc_kernels.attach(model, opt, steps=3)
+    data = batches("mlp", 4, device)
+    expected = weighted_mean(_grads(model, [data[0], data[2], data[3]]))
+    faulty_loss(model, *data[0]).backward()
+    model.fail_first = True
+    with pytest.raises(torch.OutOfMemoryError):
+        faulty_loss(model, *data[1]).backward()
+    model.fail_first = False
+    for x, y in data[2:]:  # the window goes on: the failed backward was no micro-step
+        faulty_loss(model, x, y).backward()
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad.double(), e, rtol=0, atol=2e-6 * e.abs().max().item())
+
+
+def _grads(model, data):
+    """Float64 per-micro-batch grads of Faulty, from stock autograd."""
+    out = []
+    for x, y in data:
+        gs = torch.autograd.grad(faulty_loss(model, x, y), list(model.parameters()))
+        out.append([g.double() for g in gs])
+    return out
+
+
+# -- in-place edits of the published p.grad ---------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_clip_grad_norm_on_bf16_grads_is_carried_into_main_grad(device):
+    model = make("mlp", torch.bfloat16, device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = gacc_kernels.attach(model, opt, steps=2)
+    for x, y in batches("mlp", 2, device):
+        loss_fn("mlp", model, x, y).backward()
+    unclipped = [p.main_grad.clone() for p in model.parameters()]
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+    with pytest.warns(UserWarning, match="clip_grad_norm_"):
+        opt.step()
+    for p, u in zip(model.parameters(), unclipped):
+        assert torch.equal(p.main_grad, p.grad.float()), "main_grad must follow the clipped p.grad"
+        assert p.main_grad.norm() < u.norm()
+    opt.zero_grad()
+    assert acc.window.state.value == "open"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_acc_clip_grad_norm_clips_grad_and_main_grad_in_fp32(device):
+    model = make("mlp", torch.bfloat16, device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = gacc_kernels.attach(model, opt, steps=2)
+    for x, y in batches("mlp", 2, device):
+        loss_fn("mlp", model, x, y).backward()
+    unclipped = [p.main_grad.clone() for p in model.parameters()]
+    total = acc.clip_grad_norm_(1e-3)
+    coef = (1e-3 / (total + 1e-6)).float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    for p, u in zip(model.parameters(), unclipped):
+        torch.testing.assert_close(p.main_grad, u * coef, rtol=2e-7, atol=0)
+        assert torch.equal(p.grad, p.main_grad.to(torch.bfloat16))
+
+
+# -- compiled autograd: refused at the first backward, with what to do -------------------------------
+
+def _compiled_backward(mode, model, x, y):
+    from torch._dynamo import compiled_autograd
+    if mode == "config":  # the documented switch: backward inside a torch.compile'd function
+        torch._dynamo.config.compiled_autograd = True
+        try:
+            torch.compile(lambda: loss_fn("mlp", model, x, y).backward(), backend="eager")()
+        finally:
+            torch._dynamo.config.compiled_autograd = False
+        return
+    compiler = (lambda gm: gm) if mode == "enable" else \
+        (lambda gm: torch.compile(gm, backend="eager", fullgraph=True))
+    with compiled_autograd._enable(compiler):
+        loss_fn("mlp", model, x, y).backward()
+
+
+@pytest.mark.parametrize("mode", ["config", "enable", "enable-fullgraph"])
+def test_compiled_autograd_is_refused_cleanly(mode):
+    model = make("mlp", torch.float32, "cpu")
+    data = batches("mlp", 3, "cpu")
+    expected = weighted_mean(micro_grads(model, "mlp", data[1:]))
+    acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2)
+    with pytest.raises(RuntimeError, match="cannot run under compiled autograd"):
+        _compiled_backward(mode, model, *data[0])
+    assert all(p.grad is None for p in model.parameters()) and acc.window.done == 0
+    for x, y in data[1:]:  # eager backward: exact again
+        loss_fn("mlp", model, x, y).backward()
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad.double(), e, rtol=0, atol=2e-6 * e.abs().max().item())
