@@ -71,7 +71,7 @@ class Capture:
         self.check_idle()
         if torch.is_grad_enabled():
             for t in tree_leaves(output):
-                if isinstance(t, torch.Tensor) and t.requires_grad:
+                if isinstance(t, torch.Tensor) and t.grad_fn is not None:  # a leaf would keep the hook
                     t.register_hook(self._on_backward_start)
 
     def _on_backward_start(self, grad) -> None:
