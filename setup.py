@@ -12,14 +12,30 @@ Environment:
     MAX_JOBS              parallel compile jobs
 """
 import os
+import re
 
 from setuptools import setup
 
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"  # A100, H100/H200, and PTX for newer GPUs
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def log(message):
     print(f"gacc_kernels setup: {message}", flush=True)
+
+
+def read_chunk():
+    """CHUNK from gacc_kernels/reference.py, its one definition, read from the text (importing the
+    package would import torch and the extension being built); the C++/CUDA code gets it as GACC_CHUNK."""
+    path = os.path.join(HERE, "gacc_kernels", "reference.py")
+    with open(path, encoding="utf-8") as f:
+        found = re.findall(r"^CHUNK\s*=\s*(\d+)\b", f.read(), flags=re.MULTILINE)
+    if len(found) != 1:
+        raise SystemExit(f"gacc_kernels: expected one line `CHUNK = <integer>` in {path}, found {len(found)}")
+    chunk = int(found[0])
+    if chunk <= 0 or chunk & (chunk - 1):
+        raise SystemExit(f"gacc_kernels: CHUNK in {path} must be a power of two (Triton tl.arange), got {chunk}")
+    return chunk
 
 
 def cuda_toolchain_problem(torch, cpp_extension):
@@ -42,11 +58,11 @@ def extension_setup():
     try:
         import torch
         from torch.utils import cpp_extension
-    except ImportError:
+    except ImportError as e:
         raise SystemExit(
             "gacc_kernels: building the extension needs torch; install torch first and build with "
             "`pip install --no-build-isolation .`, or set GACC_SKIP_EXT=1 for a pure-Python install"
-        )
+        ) from e
 
     mode = os.environ.get("GACC_CUDA", "")
     if mode not in ("", "0", "1"):
@@ -56,7 +72,9 @@ def extension_setup():
         raise SystemExit(f"gacc_kernels: GACC_CUDA=1 but the CUDA extension cannot be built: {problem}")
     build_cuda = mode != "0" and problem is None
 
+    chunk_macro = f"-DGACC_CHUNK={read_chunk()}"
     cxx_flags = ["/O2", "/DNDEBUG"] if os.name == "nt" else ["-O3", "-DNDEBUG", "-ffp-contract=off"]
+    cxx_flags.append(chunk_macro)
     sources = ["csrc/gacc.cpp"]
     if build_cuda:
         # No --use_fast_math: it flushes denormals and changes the fp32 rounding the ops must keep.
@@ -69,8 +87,8 @@ def extension_setup():
         )
         extension = cpp_extension.CUDAExtension(
             "gacc_kernels._C",
-            sources + ["csrc/gacc_cuda.cu"],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-DNDEBUG"]},
+            [*sources, "csrc/gacc_cuda.cu"],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-DNDEBUG", chunk_macro]},
         )
     else:
         reason = "GACC_CUDA=0" if mode == "0" else problem

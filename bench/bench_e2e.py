@@ -126,7 +126,7 @@ def main() -> None:
     del ref
     variants = ["gacc", "a-bf16", "b-grad_dtype", "c-megatron", "d-naive"]
     times = {v: [] for v in variants}
-    peaks = {v: 0.0 for v in variants}
+    peaks = dict.fromkeys(variants, 0.0)
     errors = {}
     for rnd in range(args.rounds):  # variants interleaved, the order rotated each round
         for variant in variants[rnd % len(variants):] + variants[:rnd % len(variants)]:
@@ -146,12 +146,12 @@ def main() -> None:
         rows.append([v, ms, min(times[v]), max(times[v]), tokens / ms * 1e3, peaks[v], *errors[v]])
     md = [f"# End to end: LlamaForCausalLM, {n / 1e9:.3f} B parameters, bf16, K={K}\n\n{stamp()}\n",
           __doc__,
-          f"Micro-batch {args.micro} x {args.seq} tokens, eager attention (deterministic backward), "
-          f"{args.layers} layers. Peak: the most memory a window allocates above what was resident before "
-          "it (weights, data, the float64 reference). Error: ||g - g64|| / ||g64|| over all parameters, "
-          "and the worst per-tensor max|g - g64| / max|g64|.\n",
-          f"Timing: median over {args.rounds} rounds (variants interleaved, order rotated), each round the "
-          "median of 2 windows after 1 warm-up.\n",
+          (f"Micro-batch {args.micro} x {args.seq} tokens, eager attention (deterministic backward), "
+           f"{args.layers} layers. Peak: the most memory a window allocates above what was resident before "
+           "it (weights, data, the float64 reference). Error: ||g - g64|| / ||g64|| over all parameters, "
+           "and the worst per-tensor max|g - g64| / max|g64|.\n"),
+          (f"Timing: median over {args.rounds} rounds (variants interleaved, order rotated), each round the "
+           "median of 2 windows after 1 warm-up.\n"),
           table(["variant", "ms / optimizer step", "min", "max", "tokens/s", "peak GiB above resident", "rel. L2 error",
                  "worst max error"], rows)]
     write_report(args.out, "e2e.md", md)

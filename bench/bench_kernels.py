@@ -30,9 +30,9 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     md = [f"# Kernel bandwidth\n\n{stamp()}\n",
-          "Median of triton.testing.do_bench; bytes per element counted by hand "
-          "(accumulate: read 2 + 4, write 4; store: read 2, write 4; finalize: read 4, write 4 [+2 bf16 out]; "
-          "last micro-step: read 2 + 4, write 4 + 2).\n",
+          ("Median of triton.testing.do_bench; bytes per element counted by hand "
+           "(accumulate: read 2 + 4, write 4; store: read 2, write 4; finalize: read 4, write 4 [+2 bf16 out]; "
+           "last micro-step: read 2 + 4, write 4 + 2).\n"),
           table(["n", "op", "B/elem", "ms", "GB/s", "% of copy"], rows)]
     write_report(args.out, "kernels.md", md)
     _plot(plot, os.path.join(args.out, "kernels.png"))

@@ -5,6 +5,8 @@ and block sizes of the Triton kernels, each against a device-to-device copy at 2
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.utils.cpp_extension import load_inline
 
@@ -29,8 +31,10 @@ __global__ void k_vec16(float* out, const Bf8* g, int64_t nv, float w) {
     float r[8];
     for (int k = 0; k < 8; ++k) r[k] = __fmul_rn(w, __bfloat162float(x.v[k]));
     if (STORE) { a = make_float4(r[0], r[1], r[2], r[3]); b = make_float4(r[4], r[5], r[6], r[7]); }
-    else { a.x = __fadd_rn(a.x, r[0]); a.y = __fadd_rn(a.y, r[1]); a.z = __fadd_rn(a.z, r[2]); a.w = __fadd_rn(a.w, r[3]);
-           b.x = __fadd_rn(b.x, r[4]); b.y = __fadd_rn(b.y, r[5]); b.z = __fadd_rn(b.z, r[6]); b.w = __fadd_rn(b.w, r[7]); }
+    else {
+      a.x = __fadd_rn(a.x, r[0]); a.y = __fadd_rn(a.y, r[1]); a.z = __fadd_rn(a.z, r[2]); a.w = __fadd_rn(a.w, r[3]);
+      b.x = __fadd_rn(b.x, r[4]); b.y = __fadd_rn(b.y, r[5]); b.z = __fadd_rn(b.z, r[6]); b.w = __fadd_rn(b.w, r[7]);
+    }
     o[0] = a; o[1] = b;
   }
 }
@@ -57,7 +61,8 @@ __global__ void k_vec8(float* out, const Bf4* g, int64_t nv, float w) {
         float r0 = __fmul_rn(w, __bfloat162float(x[u].v[0])), r1 = __fmul_rn(w, __bfloat162float(x[u].v[1]));
         float r2 = __fmul_rn(w, __bfloat162float(x[u].v[2])), r3 = __fmul_rn(w, __bfloat162float(x[u].v[3]));
         float4 o = STORE ? make_float4(r0, r1, r2, r3)
-                         : make_float4(__fadd_rn(a[u].x, r0), __fadd_rn(a[u].y, r1), __fadd_rn(a[u].z, r2), __fadd_rn(a[u].w, r3));
+                         : make_float4(__fadd_rn(a[u].x, r0), __fadd_rn(a[u].y, r1),
+                                       __fadd_rn(a[u].z, r2), __fadd_rn(a[u].w, r3));
         __stcs(reinterpret_cast<float4*>(out) + i, o);
       }
     }
@@ -127,14 +132,15 @@ def main() -> None:
         for warps in (4, 8, 16):
             grid = (triton_ops.triton.cdiv(n, block),)
             for store in (False, True):
+                # functools.partial binds this iteration's grid, store, block and warps now
                 report(f"triton accumulate store={store} B={block} w={warps}", 6 if store else 10,
-                       lambda: triton_ops._accumulate_kernel[grid](buf, g, n, 0.5, STORE=store, BLOCK=block,
-                                                                   num_warps=warps, enable_fp_fusion=False))
+                       functools.partial(triton_ops._accumulate_kernel[grid], buf, g, n, 0.5, STORE=store,
+                                         BLOCK=block, num_warps=warps, enable_fp_fusion=False))
             parts = torch.zeros(min(1024, n // block), device="cuda")
             report(f"triton finalize+bf16 B={block} w={warps}", 10,
-                   lambda: triton_ops._scale_kernel[(parts.numel(),)](
-                       buf, one, out16, fi, parts, n, HAS_OUT=True, STATS=True, BF16_BY_HAND=False,
-                       BLOCK=block, num_warps=warps))
+                   functools.partial(triton_ops._scale_kernel[(parts.numel(),)],
+                                     buf, one, out16, fi, parts, n, HAS_OUT=True, STATS=True, BF16_BY_HAND=False,
+                                     BLOCK=block, num_warps=warps))
 
 
 if __name__ == "__main__":

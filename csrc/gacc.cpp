@@ -350,9 +350,15 @@ TORCH_LIBRARY_IMPL(gacc, CPU, m) {
   m.impl("accumulate_finalize_", &gacc::accumulate_finalize_cpu);
 }
 
-// `import gacc_kernels._C` loads this library, which runs the registrations above. The module
-// itself is empty: the ops are reached through torch.ops.gacc.
+// `import gacc_kernels._C` loads this library, which runs the registrations above. The ops are
+// reached through torch.ops.gacc; the module holds only CHUNK, the chunk size compiled in, which
+// gacc_kernels/ops.py compares with reference.CHUNK at load time.
 PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  if (module != nullptr && PyModule_AddIntConstant(module, "CHUNK", GACC_CHUNK) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }

@@ -36,7 +36,11 @@ void check_accumulate_finalize(
     const at::Tensor& norm_partials);
 
 // accumulate_finalize_ works in chunks of this many elements: one norm partial per chunk.
-constexpr int64_t kFinalizeChunk = 1024;
+// Defined once, as CHUNK in gacc_kernels/reference.py; setup.py passes it as -DGACC_CHUNK.
+#ifndef GACC_CHUNK
+#error "GACC_CHUNK is not defined: build with setup.py, which passes -DGACC_CHUNK=<gacc_kernels.reference.CHUNK>"
+#endif
+constexpr int64_t kFinalizeChunk = GACC_CHUNK;
 
 // Calls f(T{}) with T = float, c10::BFloat16 or c10::Half for the matching dtype.
 // Callers have already checked that the dtype is one of the three.

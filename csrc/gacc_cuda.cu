@@ -24,7 +24,8 @@ namespace {
 constexpr int kThreads = 256;  // threads per block; block_sum relies on it
 constexpr int kItem = 4;  // elements per thread
 constexpr int kChunk = kThreads * kItem;  // elements per block
-static_assert(kChunk == kFinalizeChunk, "accumulate_finalize_ writes one norm partial per block");
+// kFinalizeChunk is CHUNK in gacc_kernels/reference.py: changing it there means changing kThreads or kItem here.
+static_assert(kChunk == kFinalizeChunk, "kThreads * kItem must equal GACC_CHUNK: one norm partial per block");
 constexpr int kMaxTensorsPerLaunch = 64;  // tensors per accumulate_many_ launch
 
 int64_t cdiv(int64_t a, int64_t b) {

@@ -9,7 +9,7 @@ scale a second time.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.amp.grad_scaler import OptState

@@ -22,9 +22,17 @@ def dense_strides(param: torch.Tensor) -> tuple[int, ...]:
     expected = 1
     for stride, size in sorted((st, n) for n, st in zip(param.shape, param.stride()) if n != 1):
         if stride != expected:
-            return torch._prims_common.make_contiguous_strides_for(param.shape)
+            return contiguous_strides(param.shape)
         expected *= size
     return tuple(param.stride())
+
+
+def contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
 
 
 class Slot:

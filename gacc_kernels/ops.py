@@ -110,8 +110,7 @@ def accumulate_finalize_(
 
 def report() -> str:
     """One line per op and device type: the backend it uses and why."""
-    lines = [(f"torch {torch.__version__} (CUDA {torch.version.cuda}), "
-             f"GPU available: {torch.cuda.is_available()}")]
+    lines = [f"torch {torch.__version__} (CUDA {torch.version.cuda}), GPU available: {torch.cuda.is_available()}"]
     for device_type in ("cpu", "cuda"):
         for op in OPS:
             c = choose(op, device_type)

@@ -70,7 +70,7 @@ def loss_fn(kind: str, model, x, y):
 def micro_grads(model, kind, data, scale: float = 1.0):
     """Each micro-batch's gradients from stock autograd (on a copy), as float64 lists."""
     ref = copy.deepcopy(model)
-    params = [p for p in ref.parameters()]
+    params = list(ref.parameters())
     out = []
     for x, y in data:
         gs = torch.autograd.grad(loss_fn(kind, ref, x, y) * scale, params, allow_unused=True)

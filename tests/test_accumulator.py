@@ -412,7 +412,7 @@ def test_backward_past_k_is_refused_before_anything_is_added(device):
     data = batches("mlp", 3, device)
     run_window(model, acc, "mlp", data[:2])
     finished = [p.grad.clone() for p in model.parameters()]
-    with pytest.raises(RuntimeError, match="optimizer.step"):
+    with pytest.raises(RuntimeError, match=r"optimizer\.step"):
         loss_fn("mlp", model, *data[2]).backward()
     for p, f in zip(model.parameters(), finished):
         assert torch.equal(p.grad, f)

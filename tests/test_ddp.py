@@ -1,5 +1,9 @@
 """attach() on DistributedDataParallel: two gloo processes on the CPU against one large batch."""
 
+import os
+import sys
+import traceback
+
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -24,6 +28,20 @@ class TwoHeads(torch.nn.Module):
 
 
 def _worker(rank, path, results):
+    """Ends with os._exit: a gloo worker can abort in interpreter teardown after a clean run. So an
+    exception is printed here and turned into exit code 1, which mp.spawn reports as a failure."""
+    try:
+        _train(rank, path, results)
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _train(rank, path, results):
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=WORLD)
     torch.manual_seed(0)
     model = torch.nn.parallel.DistributedDataParallel(TwoHeads())

@@ -216,12 +216,13 @@ def test_accumulate_finalize_matches_reference(backend, device, dtype, write_gra
 @pytest.mark.parametrize("backend,device", _impls())
 @pytest.mark.parametrize("where", ["first", "middle", "last"])
 def test_accumulate_finalize_flags_non_finite(backend, device, where):
-    n = 3000
+    chunk = reference.CHUNK
+    n = 3 * chunk - 72  # at offset chunk: partials 1, 2 and 3, the last chunk partly filled
     g = _grad(n, torch.bfloat16, device)
     g[{"first": 0, "middle": n // 2, "last": n - 1}[where]] = INF
-    buf, found_inf = torch.randn(4096, device=device), torch.zeros(1, device=device)
+    buf, found_inf = torch.randn(4 * chunk, device=device), torch.zeros(1, device=device)
     partials = torch.zeros(4, device=device)
-    _op(backend, "accumulate_finalize_")(buf, [g], [1024], [False], 1.0, torch.ones(1, device=device),
+    _op(backend, "accumulate_finalize_")(buf, [g], [chunk], [False], 1.0, torch.ones(1, device=device),
                                          found_inf, partials, True)
     assert found_inf.item() == 1.0 and not torch.isfinite(partials[1:4].sum())
 
@@ -281,7 +282,8 @@ def _opcheck_cases(device):
         ("finalize_", (buf, torch.ones(1, device=device), torch.zeros(1, device=device),
                        torch.zeros(3, device=device), torch.empty(300, dtype=torch.bfloat16, device=device))),
         ("scale_", (buf, torch.ones(1, device=device), None)),
-        ("accumulate_finalize_", (torch.randn(4096, device=device), [g.clone(), g[:10].clone()], [1024, 2048],
+        ("accumulate_finalize_", (torch.randn(4 * reference.CHUNK, device=device), [g.clone(), g[:10].clone()],
+                                  [reference.CHUNK, 2 * reference.CHUNK],
                                   [True, False], 0.5, torch.ones(1, device=device), torch.zeros(1, device=device),
                                   torch.zeros(4, device=device), True)),
     ]

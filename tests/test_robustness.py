@@ -15,7 +15,7 @@ def assert_stock(model, device):
     """No gacc hook is left: a backward fills p.grad as stock PyTorch does."""
     assert not model._forward_hooks
     assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
-    ref = [g for g in micro_grads(model, "mlp", batches("mlp", 1, device))[0]]
+    ref = micro_grads(model, "mlp", batches("mlp", 1, device))[0]
     loss_fn("mlp", model, *batches("mlp", 1, device)[0]).backward()
     for p, e in zip(model.parameters(), ref):
         torch.testing.assert_close(p.grad.double(), e, rtol=1e-6, atol=0)
