@@ -12,6 +12,7 @@ GradAccumulator wires the stages together, one module each:
 from __future__ import annotations
 
 import contextlib
+import operator
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -89,8 +90,9 @@ class GradAccumulator:
         self.model, self.optimizer, self.steps, self.reduction = model, optimizer, steps, reduction
         self.window = Window(steps)
         self._params = params  # registration order, to see replaced parameters
-        owner = {id(p): (m, n) for m in model.modules() for n, p in m._parameters.items() if p is not None}
-        self._owners = [(*owner[id(p)], p) for p in params]  # where each one is held: (module, name, p)
+        owner = {id(p): (m._parameters, n) for m in model.modules() for n, p in m._parameters.items()
+                 if p is not None}
+        self._held_in = [owner[id(p)] for p in params]  # (its module's _parameters, its name) for each
         self._n_opt_params = sum(len(g["params"]) for g in optimizer.param_groups)
         devices = list(dict.fromkeys(p.device for p in params))
         ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
@@ -117,7 +119,7 @@ class GradAccumulator:
     # -- capture's events -----------------------------------------------------------------------
 
     def backward_starting(self, will_accumulate, accumulated: bool) -> None:
-        if any(m._parameters.get(n) is not p for m, n, p in self._owners):
+        if any(map(operator.is_not, (d.get(n) for d, n in self._held_in), self._params)):
             raise RuntimeError(self._replaced_message)
         w = self.window
         if w.state is State.BROKEN:
@@ -141,14 +143,8 @@ class GradAccumulator:
         finalize.arm(self._buffers, scale)
 
     def grad_ready(self, slot: Slot, g: torch.Tensor, stream) -> None:
-        if g.layout != torch.strided:
-            raise RuntimeError(f"gacc got a sparse gradient ({g.layout}) for a parameter of shape "
-                               f"{tuple(slot.param.shape)}; sparse gradients are not supported")
-        if g.numel() != slot.numel:
-            raise RuntimeError(f"a parameter of shape {tuple(slot.param.shape)} got a grad of shape "
-                               f"{tuple(g.shape)}. " + self._replaced_message)
-        if g.is_cuda != (slot.buffer.cuda_index is not None):
-            raise RuntimeError(self._replaced_message)
+        if g.layout != torch.strided or g.numel() != slot.numel or g.is_cuda != slot.buffer.is_cuda:
+            self._refuse_grad(slot, g)
         w = self.window
         if slot.micro == w.micro:  # a second grad in this micro-step (reentrant checkpointing, micro_step())
             self._fuse = False
@@ -161,6 +157,13 @@ class GradAccumulator:
         slot.window = w.id
         if slot.bucket.add(slot, g, store, w.weight, stream) and w.is_last():
             self._reducer.on_bucket_ready(slot.bucket)
+
+    def _refuse_grad(self, slot: Slot, g: torch.Tensor) -> None:
+        if g.layout != torch.strided:
+            raise RuntimeError(f"gacc got a sparse gradient ({g.layout}) for a parameter of shape "
+                               f"{tuple(slot.param.shape)}; sparse gradients are not supported")
+        raise RuntimeError(f"a parameter of shape {tuple(slot.param.shape)} on {slot.buffer.device} got a grad of "
+                           f"shape {tuple(g.shape)} on {g.device}. " + self._replaced_message)
 
     def backward_done(self, delivered: bool) -> None:
         w = self.window

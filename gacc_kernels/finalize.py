@@ -44,7 +44,6 @@ def slot(s: Slot, scale: torch.Tensor) -> None:
 def add_to_finished(s: Slot, g: torch.Tensor, weight: float) -> None:
     """A second grad for a slot the fused launch already finalized: add it scaled, redo cast and norm.
     Exact to fp32 rounding; fusion then stays off (double grads repeat every micro-step)."""
-    g, _ = s.in_layout(g)
     s.main.add_(g.float().mul_(weight).mul_(s.buffer.last_scale))
     slot(s, torch.ones(1, device=s.buffer.device))
 

@@ -64,14 +64,11 @@ class Slot:
         first = self.start // CHUNK
         return self.buffer.partials[first: first + -(-self.numel // CHUNK)]
 
-    def in_layout(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """g with the slot's strides (a copy only where it has others), and that as a 1-D tensor in
-        memory order, which is what the kernels read and the last pass writes back."""
-        if self.contiguous and g.is_contiguous():
-            return g, g
+    def flat_view(self, g: torch.Tensor) -> torch.Tensor:
+        """g as a 1-D tensor in the slot's memory order: a view where g has the slot's strides, else a copy."""
         if g.stride() != self.strides:
             g = torch.empty_strided(g.shape, self.strides, dtype=g.dtype, device=g.device).copy_(g)
-        return g, g.as_strided((self.numel,), (1,))
+        return g.as_strided((self.numel,), (1,))
 
 
 class Bucket:
@@ -88,24 +85,23 @@ class Bucket:
         self._clear()
 
     def _clear(self) -> None:
-        self.grads: list[torch.Tensor] = []  # flat, for the kernel
-        self.origs: list[torch.Tensor] = []  # as produced: a bf16/fp16 one becomes p.grad in the last pass
+        self.grads: list[torch.Tensor] = []  # 1-D, in the slots' memory order: what the kernel reads
         self.offsets: list[int] = []
         self.store: list[bool] = []
         self.pending: list[Slot] = []
+        self.missing = len(self.slots)  # slots without a grad yet: launch at 0
 
     def add(self, slot: Slot, grad: torch.Tensor, store: bool, weight: float, stream) -> bool:
         """Queue a grad; launch when the bucket is complete. True if it launched."""
         if self.grads and (grad.dtype != self.grads[0].dtype or stream != self.stream):
             self.flush(weight)  # one launch takes one grad dtype, from one stream
         self.stream = stream
-        grad, flat = slot.in_layout(grad)
-        self.grads.append(flat)
-        self.origs.append(grad)
+        self.grads.append(grad if slot.contiguous and grad.is_contiguous() else slot.flat_view(grad))
         self.offsets.append(slot.start)
         self.store.append(store)
         self.pending.append(slot)
-        if len(self.pending) >= len(self.slots):
+        self.missing -= 1
+        if self.missing <= 0:
             self.flush(weight)
             return True
         return False
@@ -122,10 +118,11 @@ class Bucket:
             write = self.dtype != torch.float32
             self.launch_last(buffer.buf, self.grads, self.offsets, self.store, weight, buffer.last_scale,
                              buffer.found_inf, buffer.partials, write)
-            for slot, orig in zip(self.pending, self.origs):
+            for slot, flat in zip(self.pending, self.grads):
                 slot.fused = slot.micro
                 if write:
-                    slot.out = orig
+                    slot.out = flat if flat.shape == slot.param.shape else \
+                        flat.as_strided(slot.param.shape, slot.strides)
         else:
             self.launch(buffer.buf, self.grads, self.offsets, self.store, weight)
         self._clear()
@@ -147,7 +144,7 @@ def _wait_for_producer(bucket: Bucket) -> None:
     producer, consumer = (torch.cuda.Stream(stream_id=s[0], device_index=s[1], device_type=s[2])
                           for s in (bucket.stream, launch))
     consumer.wait_stream(producer)
-    for g in bucket.origs:
+    for g in bucket.grads:
         g.record_stream(consumer)
 
 
@@ -156,7 +153,8 @@ class DeviceBuffer:
 
     def __init__(self, device: torch.device, params: list[torch.nn.Parameter], bucket_bytes: int):
         self.device = device
-        self.cuda_index = device.index if device.type == "cuda" else None
+        self.is_cuda = device.type == "cuda"
+        self.cuda_index = device.index if self.is_cuda else None
         self.slots: list[Slot] = []
         self.segments: list[tuple[torch.dtype, int, int]] = []
         self.buckets: list[Bucket] = []
