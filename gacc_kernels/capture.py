@@ -99,7 +99,7 @@ class Capture:
                 if self.task is None:
                     self._begin(accumulated=True)
         index = slot.buffer.cuda_index
-        stream = None if index is None else torch._C._cuda_getCurrentStream(index)
+        stream = None if index is None else torch._C._cuda_getCurrentRawStream(index)  # what Triton uses
         self.sink.grad_ready(slot, g, stream)
         self.delivered = True
         p.grad = None

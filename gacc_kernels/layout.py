@@ -81,7 +81,7 @@ class Bucket:
         self.dtype = buffer.segments[segment][0]
         self.launch = ops.choose("accumulate_many_", buffer.device.type).impl
         self.launch_last = ops.choose("accumulate_finalize_", buffer.device.type).impl
-        self.stream = None  # the CUDA stream its pending grads were produced on
+        self.stream = None  # the raw CUDA stream its pending grads were produced on
         self._clear()
 
     def _clear(self) -> None:
@@ -135,15 +135,11 @@ class Bucket:
 
 def _wait_for_producer(bucket: Bucket) -> None:
     """Grads made on another CUDA stream: the launch stream waits for that one, and their memory is
-    not reused before the launch has read it."""
-    if bucket.stream is None:
+    not reused before the launch has read it. Streams are compared by their raw handles."""
+    if bucket.stream is None or torch._C._cuda_getCurrentRawStream(bucket.buffer.cuda_index) == bucket.stream:
         return
-    launch = torch._C._cuda_getCurrentStream(bucket.buffer.cuda_index)
-    if launch == bucket.stream:
-        return
-    producer, consumer = (torch.cuda.Stream(stream_id=s[0], device_index=s[1], device_type=s[2])
-                          for s in (bucket.stream, launch))
-    consumer.wait_stream(producer)
+    consumer = torch.cuda.current_stream(bucket.buffer.device)
+    consumer.wait_stream(torch.cuda.ExternalStream(bucket.stream, device=bucket.buffer.device))
     for g in bucket.grads:
         g.record_stream(consumer)
 
