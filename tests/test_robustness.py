@@ -140,14 +140,19 @@ def _grads(model, data):
 
 # -- in-place edits of the published p.grad ---------------------------------------------------------
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_torch_clip_grad_norm_on_bf16_grads_is_carried_into_main_grad(device):
+def finished_bf16_window(device):
+    """A bf16 MLP with a finished K=2 window; its optimizer, accumulator and unclipped main_grads."""
     model = make("mlp", torch.bfloat16, device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     acc = gacc_kernels.attach(model, opt, steps=2)
     for x, y in batches("mlp", 2, device):
         loss_fn("mlp", model, x, y).backward()
-    unclipped = [p.main_grad.clone() for p in model.parameters()]
+    return model, opt, acc, [p.main_grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_clip_grad_norm_on_bf16_grads_is_carried_into_main_grad(device):
+    model, opt, acc, unclipped = finished_bf16_window(device)
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
     with pytest.warns(UserWarning, match="clip_grad_norm_"):
         opt.step()
@@ -160,12 +165,7 @@ def test_torch_clip_grad_norm_on_bf16_grads_is_carried_into_main_grad(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_acc_clip_grad_norm_clips_grad_and_main_grad_in_fp32(device):
-    model = make("mlp", torch.bfloat16, device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    acc = gacc_kernels.attach(model, opt, steps=2)
-    for x, y in batches("mlp", 2, device):
-        loss_fn("mlp", model, x, y).backward()
-    unclipped = [p.main_grad.clone() for p in model.parameters()]
+    model, opt, acc, unclipped = finished_bf16_window(device)
     total = acc.clip_grad_norm_(1e-3)
     coef = (1e-3 / (total + 1e-6)).float()
     with warnings.catch_warnings():
