@@ -32,9 +32,9 @@ _ATTACHED: weakref.WeakKeyDictionary[torch.nn.Module, GradAccumulator] = weakref
 
 
 def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int, scaler=None,
-           reduction: str = "mean", bucket_bytes: int = 128 << 20) -> GradAccumulator:
+           reduction: str = "mean", loss_scale: float = 1.0, bucket_bytes: int = 128 << 20) -> GradAccumulator:
     """Accumulate `steps` micro-steps of gradients in fp32 before each optimizer step. See GradAccumulator."""
-    return GradAccumulator(model, optimizer, steps, scaler=scaler, reduction=reduction,
+    return GradAccumulator(model, optimizer, steps, scaler=scaler, reduction=reduction, loss_scale=loss_scale,
                            bucket_bytes=bucket_bytes)
 
 
@@ -82,12 +82,19 @@ class GradAccumulator:
     mean, sum(w_k g_k) / sum(w_k): a view of the buffer for fp32 parameters, one rounding of it
     otherwise; p.main_grad is always the fp32 view. The loss must not be divided by K.
     reduction="sum" skips the division by sum(w_k), for loops that scale the loss themselves.
+    loss_scale is the factor each micro-step's loss was already multiplied by (1/K where a framework
+    divides it); the result is divided by it, in the same pass: a loop that divides by K gets the mean
+    over the micro-steps it ran, also when a window ends early.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int, *,
-                 scaler=None, reduction: str = "mean", bucket_bytes: int = 128 << 20):
+                 scaler=None, reduction: str = "mean", loss_scale: float = 1.0, bucket_bytes: int = 128 << 20):
         params = _check_attachable(model, optimizer, steps, reduction)
+        loss_scale = float(loss_scale)
+        if not (0.0 < loss_scale < float("inf")):
+            raise ValueError(f"loss_scale must be finite and > 0, got {loss_scale}")
         self.model, self.optimizer, self.steps, self.reduction = model, optimizer, steps, reduction
+        self.loss_scale = loss_scale
         self.window = Window(steps)
         self._params = params  # registration order, to see replaced parameters
         owner = {id(p): (m._parameters, n) for m in model.modules() for n, p in m._parameters.items()
@@ -234,17 +241,18 @@ class GradAccumulator:
     # -- finalize and publish -----------------------------------------------------------------------
 
     def _scales(self, weight_sum: float | torch.Tensor) -> list[torch.Tensor]:
-        """Per buffer: 1 / sum(w) (reduction="mean"), times 1 / loss scale with an enabled GradScaler."""
-        if self.reduction == "mean" and float(weight_sum) == 0.0:
+        """Per buffer: 1 / (sum(w) (reduction="mean") * loss_scale), times 1 / the GradScaler's scale."""
+        mean = self.reduction == "mean"
+        if mean and float(weight_sum) == 0.0:
             raise ValueError("every micro-step in this window had weight 0; cannot take the weighted mean")
+        if isinstance(weight_sum, torch.Tensor):  # summed over the ranks, on the device
+            inv = ((weight_sum.double() if mean else torch.ones_like(weight_sum, dtype=torch.float64))
+                   * self.loss_scale).reciprocal().float().reshape(1)
+        else:
+            inv = torch.tensor([1.0 / ((weight_sum if mean else 1.0) * self.loss_scale)], dtype=torch.float32)
         scales = []
         for buffer in self._buffers:
-            if self.reduction == "sum":
-                scale = torch.ones(1, device=buffer.device)
-            elif isinstance(weight_sum, torch.Tensor):
-                scale = weight_sum.reciprocal().float().reshape(1).to(buffer.device)
-            else:
-                scale = torch.full((1,), 1.0 / weight_sum, dtype=torch.float32, device=buffer.device)
+            scale = inv.to(buffer.device)
             if self._scaler is not None and self._scaler.enabled:
                 scale = scale * self._scaler.inv_scale(buffer.device)
             scales.append(scale)
@@ -297,8 +305,22 @@ class GradAccumulator:
         if any(p is not q for p, q in zip(params, self._params)):
             raise RuntimeError(self._replaced_message)
 
-    def _before_step(self, optimizer, args, kwargs) -> None:
+    def _before_step(self, optimizer, args, kwargs):
         self._check_parameters()
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0] is the optimizer
+        if closure is None:
+            self._ready_for_step()
+            return None
+
+        def closure_then_finish():  # step(closure) runs the window's last micro-step (Lightning, LBFGS)
+            loss = closure()
+            self._ready_for_step()
+            return loss
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": closure_then_finish}
+        return (args[0], closure_then_finish, *args[2:]), kwargs
+
+    def _ready_for_step(self) -> None:
         self._finish_pending()
         publish.carry_in_place_edits(self._slots)
 

@@ -539,3 +539,52 @@ def test_a_window_of_zero_weights_is_refused():
     acc.set_weight(0.0)
     with pytest.raises(ValueError, match="weight 0"):
         loss_fn("mlp", model, *data[1]).backward()
+
+
+# -- loops that scale the loss, and step(closure) -----------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_loss_scale_undoes_a_loop_that_divides_by_k_also_in_a_short_window(device):
+    k = 3
+    model = make("mlp", torch.float32, device)
+    data = batches("mlp", k + 2, device)
+    grads = micro_grads(model, "mlp", data)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = gacc_kernels.attach(model, opt, steps=k, loss_scale=1 / k)
+    for window, (batch, expected) in enumerate([(data[:k], weighted_mean(grads[:k])),
+                                                (data[k:], weighted_mean(grads[k:]))]):  # 2 of 3: ends early
+        for x, y in batch:
+            (loss_fn("mlp", model, x, y) / k).backward()
+        if window == 1:
+            assert all(p.grad is None for p in model.parameters())
+            acc.finish_window()
+        assert_grads_match(model, expected, rtol=4e-6)
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("how", ["positional", "keyword"])
+def test_step_with_a_closure_runs_the_last_micro_step_inside_the_step(device, how):
+    """Lightning's way: the K-th forward and backward run inside optimizer.step(closure)."""
+    k = 3
+    model = make("mlp", torch.float32, device)
+    big = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt_big = torch.optim.SGD(big.parameters(), lr=0.1, momentum=0.9)
+    gacc_kernels.attach(model, opt, steps=k)
+    for step in range(2):
+        data = batches("mlp", k, device, seed=step)
+        for x, y in data[:-1]:
+            loss_fn("mlp", model, x, y).backward()
+
+        def closure(x=data[-1][0], y=data[-1][1]):
+            loss = loss_fn("mlp", model, x, y)
+            loss.backward()
+            return loss
+        opt.step(closure) if how == "positional" else opt.step(closure=closure)
+        opt.zero_grad()
+        loss_fn("mlp", big, torch.cat([d[0] for d in data]), torch.cat([d[1] for d in data])).backward()
+        opt_big.step()
+        opt_big.zero_grad()
+    for p, q in zip(model.parameters(), big.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
