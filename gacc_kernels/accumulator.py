@@ -44,12 +44,13 @@ def _check_attachable(model, optimizer, steps, reduction) -> list[torch.nn.Param
         raise ValueError(f"steps must be an int >= 1 (the micro-steps per optimizer step), got {steps!r}")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    if not isinstance(optimizer, torch.optim.Optimizer):
+    wrapped = getattr(optimizer, "optimizer", None)
+    if not isinstance(optimizer, torch.optim.Optimizer) or isinstance(wrapped, torch.optim.Optimizer):
         raise TypeError(
-            f"attach() takes a torch.optim.Optimizer, got {type(optimizer).__name__}. A framework's optimizer "
-            "wrapper also scales the loss and decides when to step: use the framework's integration "
-            "(gacc_kernels.integrations) or pass the wrapped torch optimizer with reduction='sum' if the "
-            "framework already divides the loss.")
+            f"attach() takes a torch.optim.Optimizer, got {type(optimizer).__name__}, a framework's wrapper. The "
+            "framework also scales the loss and decides when to step, so use its integration in "
+            "gacc_kernels.integrations; in a loop of your own, attach the torch optimizer it wraps, with "
+            "loss_scale=1/K if the loss is divided by K.")
     if model in _ATTACHED:
         raise RuntimeError("attach() was already called on this model; call acc.remove() first")
     for m in model.modules():

@@ -47,10 +47,22 @@ class Wrapper:
         self.param_groups = optimizer.param_groups
 
 
-def test_an_optimizer_wrapper_is_refused_with_a_pointer_to_the_integrations():
+class SubclassWrapper(torch.optim.Optimizer):
+    """Like AcceleratedOptimizer: an Optimizer subclass that never ran Optimizer.__init__."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+
+@pytest.mark.parametrize("wrapper", [Wrapper, SubclassWrapper])
+def test_an_optimizer_wrapper_is_refused_with_a_pointer_to_the_integrations(wrapper):
     model = make("mlp", torch.float32, "cpu")
     with pytest.raises(TypeError, match="integrations"):
-        gacc_kernels.attach(model, Wrapper(torch.optim.SGD(model.parameters(), lr=0.1)), steps=2)
+        gacc_kernels.attach(model, wrapper(torch.optim.SGD(model.parameters(), lr=0.1)), steps=2)
     assert_stock(model, "cpu")
 
 
