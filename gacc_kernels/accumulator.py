@@ -394,8 +394,11 @@ class GradAccumulator:
         w.done, w.weight_sum, w.weight = state["micro_steps"], state["weight_sum"], state["weight"]
 
     def remove(self) -> None:
-        """Remove every hook and attribute. A window in progress is finalized into p.grad first."""
-        self._finish_pending()
+        """Remove every hook and attribute. A window in progress is finalized into p.grad first (a broken
+        one is dropped)."""
+        self._capture.check_idle()
+        if self.window.state is not State.BROKEN:
+            self._finish_pending()
         self._undo.close()
         for s in self._slots:
             if "main_grad" in s.param.__dict__:

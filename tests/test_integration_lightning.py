@@ -1,0 +1,139 @@
+"""GaccCallback in Lightning against Lightning's own large-batch run (K=1, K-times larger batches)."""
+import copy
+
+import pytest
+import torch
+
+pl = pytest.importorskip("lightning.pytorch")
+
+from gacc_kernels.integrations.lightning import GaccCallback  # noqa: E402
+from models import MLP  # noqa: E402
+
+N_BATCHES, MICRO = 10, 4  # 10 micro-batches per epoch: K=3 and K=4 end each epoch with a short window
+
+
+class Module(pl.LightningModule):
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+        self.seen: list[list[torch.Tensor]] = []  # the grads at each on_before_optimizer_step
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self(x).float(), y)
+
+    def on_before_optimizer_step(self, optimizer):
+        self.seen.append([p.grad.detach().double().clone() for p in self.parameters()])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def micro_batches(seed: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(MICRO, 24, generator=g), torch.randn(MICRO, 5, generator=g)) for _ in range(N_BATCHES)]
+
+
+def windows(k: int):
+    """Lightning's windows of K micro-batches, concatenated: the large-batch run's batches."""
+    data = micro_batches()
+    return [tuple(torch.cat(t) for t in zip(*data[i:i + k])) for i in range(0, N_BATCHES, k)]
+
+
+def fit(module, data, k, callbacks=(), epochs=2, **kw):
+    trainer = pl.Trainer(max_epochs=epochs, accumulate_grad_batches=k, callbacks=list(callbacks), logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         accelerator="cpu", devices=1, **kw)
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=None, shuffle=False))
+    return trainer
+
+
+def assert_same_run(a: Module, b: Module, rtol: float):
+    assert len(a.seen) == len(b.seen) > 0
+    for step, (ga, gb) in enumerate(zip(a.seen, b.seen)):
+        for x, y in zip(ga, gb):
+            torch.testing.assert_close(x, y, rtol=rtol, atol=rtol * y.abs().max().item(), msg=f"step {step}")
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=rtol, atol=rtol)
+
+
+@pytest.mark.parametrize("k", [1, 3, 4])
+@pytest.mark.parametrize("clip", [None, 0.05], ids=["no-clip", "clip"])
+def test_lightning_matches_its_large_batch_run(k, clip):
+    torch.manual_seed(0)
+    net = MLP()
+    gacc, big = Module(copy.deepcopy(net)), Module(copy.deepcopy(net))
+    fit(gacc, micro_batches(), k, [GaccCallback()], gradient_clip_val=clip)
+    fit(big, windows(k), 1, gradient_clip_val=clip)
+    assert_same_run(gacc, big, rtol=2e-5)
+
+
+def test_stock_lightning_accumulation_is_not_the_large_batch_run():
+    """The comparison above can fail: stock accumulation divides the short window by K."""
+    torch.manual_seed(0)
+    net = MLP()
+    stock, big = Module(copy.deepcopy(net)), Module(copy.deepcopy(net))
+    fit(stock, micro_batches(), 3)
+    fit(big, windows(3), 1)
+    with pytest.raises(AssertionError):
+        assert_same_run(stock, big, rtol=2e-5)
+
+
+def test_lightning_bf16_mixed_is_closer_to_the_large_batch_run_than_stock():
+    torch.manual_seed(0)
+    net = MLP()
+    gacc, stock, big = (Module(copy.deepcopy(net)) for _ in range(3))
+    fit(gacc, micro_batches(), 3, [GaccCallback()], precision="bf16-mixed")
+    fit(stock, micro_batches(), 3, precision="bf16-mixed")
+    fit(big, windows(3), 1, precision="bf16-mixed")
+    for step in range(len(big.seen)):  # the short window of each epoch is where stock goes wrong
+        err = [max((x - y).abs().max().item() for x, y in zip(run.seen[step], big.seen[step])) for run in (gacc, stock)]
+        scale = max(y.abs().max().item() for y in big.seen[step])
+        assert err[0] <= 2e-2 * scale, f"step {step}: gacc is {err[0]} from the large-batch grads"
+    assert len(gacc.seen) == len(stock.seen) == len(big.seen)
+
+
+class SaveAt(pl.Callback):
+    """Saves a checkpoint after the given global micro-batch (mid-window), then stops the fit."""
+
+    def __init__(self, path, at: int):
+        self.path, self.at = path, at
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == self.at:
+            trainer.save_checkpoint(self.path)
+            trainer.should_stop = True
+
+
+class Probe(pl.Callback):
+    """Records the gacc window as the resumed fit starts its first batch."""
+
+    def __init__(self, gacc: GaccCallback):
+        self.gacc, self.window = gacc, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.window is None:
+            self.window = self.gacc.acc.state_dict()
+
+
+def test_a_mid_window_checkpoint_carries_the_window_bit_for_bit(tmp_path):
+    """Lightning restarts a non-stateful dataloader from its first batch on resume, so the runs are not
+    comparable end to end; what gacc owns, the window in progress, must come back exactly."""
+    torch.manual_seed(0)
+    path = str(tmp_path / "mid.ckpt")
+    saved = GaccCallback()
+    fit(Module(MLP()), micro_batches(), 3, [saved, SaveAt(path, at=4)], epochs=1)  # 2 of 3 micro-steps done
+    state = torch.load(path, weights_only=False)["callbacks"]["GaccCallback"]["gacc"]
+    assert state["micro_steps"] == 2
+    resumed = GaccCallback()
+    probe = Probe(resumed)
+    trainer = pl.Trainer(max_epochs=1, accumulate_grad_batches=3, callbacks=[resumed, probe], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         accelerator="cpu", devices=1)
+    trainer.fit(Module(MLP()), torch.utils.data.DataLoader(micro_batches(), batch_size=None), ckpt_path=path)
+    assert probe.window["micro_steps"] == 2 and probe.window["written"] == state["written"]
+    for a, b in zip(probe.window["buffers"], state["buffers"]):
+        assert torch.equal(a, b)
