@@ -32,10 +32,11 @@ _ATTACHED: weakref.WeakKeyDictionary[torch.nn.Module, GradAccumulator] = weakref
 
 
 def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int, scaler=None,
-           reduction: str = "mean", loss_scale: float = 1.0, bucket_bytes: int = 128 << 20) -> GradAccumulator:
+           reduction: str = "mean", loss_scale: float = 1.0, window_end=None,
+           bucket_bytes: int = 128 << 20) -> GradAccumulator:
     """Accumulate `steps` micro-steps of gradients in fp32 before each optimizer step. See GradAccumulator."""
     return GradAccumulator(model, optimizer, steps, scaler=scaler, reduction=reduction, loss_scale=loss_scale,
-                           bucket_bytes=bucket_bytes)
+                           window_end=window_end, bucket_bytes=bucket_bytes)
 
 
 def _check_attachable(model, optimizer, steps, reduction) -> list[torch.nn.Parameter]:
@@ -86,16 +87,20 @@ class GradAccumulator:
     loss_scale is the factor each micro-step's loss was already multiplied by (1/K where a framework
     divides it); the result is divided by it, in the same pass: a loop that divides by K gets the mean
     over the micro-steps it ran, also when a window ends early.
+    window_end, a callable read as each backward starts, ends the window after that micro-step when it
+    returns True (a framework's sync point), before the K-th; `steps` stays the most a window may hold.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int, *,
-                 scaler=None, reduction: str = "mean", loss_scale: float = 1.0, bucket_bytes: int = 128 << 20):
+                 scaler=None, reduction: str = "mean", loss_scale: float = 1.0, window_end=None,
+                 bucket_bytes: int = 128 << 20):
         params = _check_attachable(model, optimizer, steps, reduction)
         loss_scale = float(loss_scale)
         if not (0.0 < loss_scale < float("inf")):
             raise ValueError(f"loss_scale must be finite and > 0, got {loss_scale}")
         self.model, self.optimizer, self.steps, self.reduction = model, optimizer, steps, reduction
         self.loss_scale = loss_scale
+        self._window_end = window_end
         self.window = Window(steps)
         self._params = params  # registration order, to see replaced parameters
         owner = {id(p): (m._parameters, n) for m in model.modules() for n, p in m._parameters.items()
@@ -145,7 +150,8 @@ class GradAccumulator:
             self._new_window()  # the grads were cleared by hand (model.zero_grad())
         elif w.state is State.STEPPED:
             self._new_window()
-        fuse = w.is_last() and w.context < 0 and self._reducer.fuses_last_pass and w.micro > 0 and self._fuse
+        w.closing = w.done == self.steps - 1 or (self._window_end is not None and bool(self._window_end()))
+        fuse = w.closing and w.context < 0 and self._reducer.fuses_last_pass and w.micro > 0 and self._fuse
         scale = self._scales(w.weight_sum + w.weight) if fuse else None
         w.fused = w.micro if scale is not None else -1
         finalize.arm(self._buffers, scale)

@@ -33,6 +33,7 @@ class Window:
         self.weight = 1.0      # the weight of the micro-step in progress
         self.fused = -1        # the micro-step whose launches also finalize (the last pass), if armed
         self.context = -1      # backwards finished inside micro_step() (-1: not in one)
+        self.closing = False   # the micro-step in progress ends the window (its K-th, or a framework's sync)
         self.broken_at = 0     # the micro-step (1-based in its window) whose backward raised
 
     def open(self) -> None:
@@ -43,7 +44,7 @@ class Window:
 
     def is_last(self) -> bool:
         """The micro-step in progress is the window's last."""
-        return self.state is State.OPEN and self.done == self.steps - 1
+        return self.state is State.OPEN and self.closing
 
     def end_micro_step(self) -> bool:
         """Count the micro-step in progress; True if that completes the window."""
@@ -51,7 +52,8 @@ class Window:
         self.done += 1
         self.weight_sum += self.weight
         self.weight = 1.0
-        return self.done == self.steps
+        closes, self.closing = self.closing or self.done == self.steps, False
+        return closes
 
     def break_(self) -> None:
         self.state, self.broken_at = State.BROKEN, self.done + 1

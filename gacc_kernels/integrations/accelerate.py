@@ -1,0 +1,41 @@
+"""Accelerate: `acc = gacc_kernels.integrations.accelerate.attach(accelerator, model, optimizer)`, after
+`accelerator.prepare`, in a loop that uses `with accelerator.accumulate(model):` and
+`accelerator.backward(loss)`.
+
+What it translates (Accelerate 1.x):
+- K is `accelerator.gradient_accumulation_steps`; the window ends where Accelerate syncs
+  (`accelerator.sync_gradients`, set by `accumulate()` before the forward), so an epoch's short last
+  window ends where Accelerate steps, and p.grad is final before `accelerator.clip_grad_norm_`.
+- `accelerator.backward` divides each loss by K, also in the short window, where stock accumulation then
+  steps on (r/K) times the mean. gacc undoes the 1/K (loss_scale): the optimizer sees the mean over the
+  micro-batches actually run, as one K-times larger batch would give. `acc.set_weight(n_tokens)` before
+  a backward gives the token-weighted mean.
+- It attaches to the prepared model (the DDP wrapper under multi-GPU) and the torch optimizer inside
+  the AcceleratedOptimizer, with Accelerate's GradScaler for fp16.
+Refused: DeepSpeed, FSDP, Megatron-LM and XLA (they accumulate or reduce gradients themselves).
+"""
+from __future__ import annotations
+
+import torch
+from accelerate.utils import DistributedType
+
+from ..accumulator import GradAccumulator
+from ..accumulator import attach as attach_core
+
+_OWN_ACCUMULATION = ("DEEPSPEED", "FSDP", "MEGATRON_LM", "XLA")
+
+
+def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside a framework's optimizer wrappers."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def attach(accelerator, model: torch.nn.Module, optimizer, **kwargs) -> GradAccumulator:
+    if any(accelerator.distributed_type == getattr(DistributedType, name, None) for name in _OWN_ACCUMULATION):
+        raise RuntimeError(f"gacc does not run under Accelerate's {accelerator.distributed_type}: it accumulates "
+                           "or reduces gradients itself")
+    k = accelerator.gradient_accumulation_steps
+    return attach_core(model, unwrap_optimizer(optimizer), steps=k, scaler=accelerator.scaler, loss_scale=1.0 / k,
+                       window_end=lambda: accelerator.sync_gradients, **kwargs)

@@ -1,0 +1,42 @@
+"""HF Trainer: `Trainer(..., callbacks=[gacc_kernels.integrations.transformers.GaccCallback()])`.
+
+What it translates (transformers 5.x):
+- K is `args.gradient_accumulation_steps`; the window ends where the Trainer syncs (it sets
+  Accelerate's `sync_gradients` before each micro-step), so an epoch's short last window ends there too,
+  and p.grad is final before the Trainer clips, logs grad_norm and calls on_pre_optimizer_step.
+- The Trainer already scales each micro-step's loss for the whole window: by the window's token count
+  (`num_items_in_batch`) for models that take loss kwargs, else by the window's micro-step count. gacc
+  sums (reduction="sum"), so the optimizer sees the Trainer's own large-batch gradient, accumulated in
+  fp32.
+- It attaches at on_train_begin to the model and the torch optimizer inside the AcceleratedOptimizer
+  (with its GradScaler for fp16), and removes itself at on_train_end.
+- The Trainer saves checkpoints only at optimizer steps, so there is no window state to save.
+Refused: several processes (DDP, FSDP, DeepSpeed) for now.
+"""
+from __future__ import annotations
+
+from accelerate.state import GradientState
+from transformers import TrainerCallback
+
+from ..accumulator import GradAccumulator, attach
+from .accelerate import unwrap_optimizer
+
+
+class GaccCallback(TrainerCallback):
+    def __init__(self, bucket_bytes: int = 128 << 20):
+        self.bucket_bytes = bucket_bytes
+        self.acc: GradAccumulator | None = None
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if args.world_size > 1 or getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
+            raise RuntimeError("gacc's Trainer callback runs on one process for now; train without "
+                               "GaccCallback under DDP, FSDP or DeepSpeed")
+        sync = GradientState()  # shared state: the Trainer sets sync_gradients before each micro-step
+        self.acc = attach(model, unwrap_optimizer(optimizer), steps=args.gradient_accumulation_steps,
+                          scaler=getattr(optimizer, "scaler", None), reduction="sum",
+                          window_end=lambda: sync.sync_gradients, bucket_bytes=self.bucket_bytes)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.acc is not None:
+            self.acc.remove()
+            self.acc = None
