@@ -45,16 +45,16 @@ class Seen(transformers.TrainerCallback):
         self.grads = []
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        self.grads.append([p.grad.detach().double().clone() for p in model.parameters()])
+        self.grads.append([p.grad.detach().double().clone() for p in model.parameters() if p.requires_grad])
 
 
-def train(model, k, batch, use_gacc, tmp_path, clip=0.0, checkpointing=False):
+def train(model, k, batch, use_gacc, tmp_path, clip=0.0, checkpointing=False, bf16=False):
     seen = Seen()
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=batch, gradient_accumulation_steps=k,
         num_train_epochs=2, learning_rate=1e-3, max_grad_norm=clip, lr_scheduler_type="constant",
         save_strategy="no", report_to=[], use_cpu=True, seed=11, logging_strategy="no",
-        gradient_checkpointing=checkpointing, disable_tqdm=True)
+        gradient_checkpointing=checkpointing, bf16=bf16, disable_tqdm=True)
     callbacks = [seen, GaccCallback()] if use_gacc else [seen]
     transformers.Trainer(model=model, args=args, train_dataset=Sequences(), callbacks=callbacks).train()
     return seen.grads, model
@@ -81,3 +81,38 @@ def test_trainer_with_gradient_checkpointing(tmp_path):
     for a, b in zip(seen, seen_big):
         for x, y in zip(a, b):
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4 * y.abs().max().item())
+
+
+def test_trainer_with_lora(tmp_path):
+    """PEFT LoRA: only the adapters train; their grads match the Trainer's large-batch run."""
+    peft = pytest.importorskip("peft")
+
+    def lora():
+        torch.manual_seed(1)
+        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+        model = peft.get_peft_model(tiny_llama(), config)
+        for name, p in model.named_parameters():  # LoRA's B starts at 0: make its grads and steps non-trivial
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02)
+        return model
+
+    seen, trained = train(lora(), 3, 2, True, tmp_path, clip=0.5)
+    seen_big, big = train(lora(), 1, 6, False, tmp_path, clip=0.5)
+    assert len(seen) == len(seen_big) > 0
+    for a, b in zip(seen, seen_big):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4 * y.abs().max().item())
+    for (name, p), q in zip(trained.named_parameters(), big.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_trainer_bf16_autocast(tmp_path):
+    """bf16=True (autocast, fp32 parameters): the same windows and grads as the large-batch run, to the
+    bf16 rounding of the forward."""
+    model = tiny_llama()
+    seen, _ = train(copy.deepcopy(model), 4, 2, True, tmp_path, bf16=True)
+    seen_big, _ = train(copy.deepcopy(model), 1, 8, False, tmp_path, bf16=True)
+    assert len(seen) == len(seen_big) == 4
+    for a, b in zip(seen, seen_big):
+        err = max((x - y).abs().max().item() for x, y in zip(a, b))
+        assert err <= 2e-2 * max(y.abs().max().item() for y in b)
