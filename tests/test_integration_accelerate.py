@@ -80,3 +80,37 @@ def test_raw_attach_on_the_accelerated_optimizer_names_the_integration():
     model, opt = accelerator.prepare(net, torch.optim.SGD(net.parameters(), lr=0.1))
     with pytest.raises(TypeError, match="integrations"):
         gacc_kernels.attach(model, opt, steps=2)
+
+
+def test_a_mid_window_save_state_resumes_bit_for_bit(tmp_path):
+    """accelerator.register_for_checkpointing(acc): save_state/load_state carry the window in progress."""
+    torch.manual_seed(0)
+    net = MLP()
+    batches = list(torch.utils.data.DataLoader(dataset(), batch_size=MICRO))
+
+    def run(model_net, start, stop, load=None, save=None):
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        accelerator = Accelerator(gradient_accumulation_steps=3, cpu=True)
+        model, opt = accelerator.prepare(model_net, torch.optim.SGD(model_net.parameters(), lr=0.05, momentum=0.9))
+        acc = gacc_accelerate.attach(accelerator, model, opt)
+        accelerator.register_for_checkpointing(acc)
+        if load:
+            accelerator.load_state(load)
+        for i in range(start, stop):
+            x, y = batches[i]
+            accelerator.gradient_state._set_sync_gradients((i + 1) % 3 == 0)  # what accumulate() decides
+            accelerator.backward(torch.nn.functional.mse_loss(model(x), y))
+            opt.step()
+            opt.zero_grad()
+            if save and i == save[1]:
+                accelerator.save_state(save[0])
+        acc.remove()
+        return model_net
+
+    whole = run(copy.deepcopy(net), 0, 9)
+    path = str(tmp_path / "state")
+    run(copy.deepcopy(net), 0, 5, save=(path, 4))  # after micro-steps 1 and 2 of the window of batches 3-5
+    resumed = run(copy.deepcopy(net), 5, 9, load=path)
+    for p, q in zip(resumed.parameters(), whole.parameters()):
+        assert torch.equal(p, q)
