@@ -54,6 +54,7 @@ def _check_attachable(model, optimizer, steps, reduction) -> list[torch.nn.Param
             "loss_scale=1/K if the loss is divided by K.")
     if model in _ATTACHED:
         raise RuntimeError("attach() was already called on this model; call acc.remove() first")
+    _check_wrapper(model)
     for m in model.modules():
         if getattr(m, "sparse", False) is True:
             raise ValueError(f"{type(m).__name__} produces sparse gradients, which gacc cannot accumulate; "
@@ -74,6 +75,21 @@ def _check_attachable(model, optimizer, steps, reduction) -> list[torch.nn.Param
         raise ValueError("the optimizer holds a parameter that is not a trainable parameter of the model; "
                          "attach() manages the model's parameters only")
     return params
+
+
+def _check_wrapper(model: torch.nn.Module) -> None:
+    """Refuse the data-parallel wrappers gacc cannot be exact under (yet)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel) and getattr(model, "static_graph", False):
+        raise ValueError("gacc does not support DistributedDataParallel(static_graph=True): DDP's reducer then "
+                         "expects its own per-backward hooks, which gacc turns off; build DDP without static_graph")
+    for m in model.modules():
+        name = type(m).__name__
+        if name == "FullyShardedDataParallel":
+            raise ValueError("gacc does not support FSDP1 (FullyShardedDataParallel): it reduce-scatters and "
+                             "shards the grads before any hook of gacc's could see them; use DDP")
+        if any(type(p).__name__ == "DTensor" for p in m.parameters(recurse=False)):
+            raise ValueError(f"gacc does not support DTensor parameters yet (FSDP2 fully_shard, tensor "
+                             f"parallelism), found in a {name}; use DDP or the framework's own accumulation")
 
 
 class GradAccumulator:

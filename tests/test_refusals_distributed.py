@@ -1,0 +1,49 @@
+"""Data-parallel wrappers gacc cannot be exact under are refused at attach (one gloo process)."""
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import gacc_kernels
+
+
+@pytest.fixture
+def one_process_group():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def net():
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.GELU(), torch.nn.Linear(8, 3))
+
+
+def hooks(model):
+    return len(model._forward_hooks), [len(p._post_accumulate_grad_hooks or {}) for p in model.parameters()]
+
+
+def refused(model, match):
+    before = hooks(model)
+    with pytest.raises(ValueError, match=match):
+        gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2)
+    assert hooks(model) == before, "a refused attach leaves nothing behind"
+
+
+def test_ddp_static_graph_is_refused(one_process_group):
+    refused(torch.nn.parallel.DistributedDataParallel(net(), static_graph=True), "static_graph")
+
+
+def test_fsdp1_is_refused(one_process_group):
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    refused(FullyShardedDataParallel(net(), device_id=torch.device("cpu")), "FSDP1")
+
+
+def test_fsdp2_is_refused(one_process_group):
+    from torch.distributed.fsdp import fully_shard
+    model = net()
+    fully_shard(model)
+    refused(model, "DTensor")
