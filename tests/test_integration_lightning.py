@@ -137,3 +137,27 @@ def test_a_mid_window_checkpoint_carries_the_window_bit_for_bit(tmp_path):
     assert probe.window["micro_steps"] == 2 and probe.window["written"] == state["written"]
     for a, b in zip(probe.window["buffers"], state["buffers"]):
         assert torch.equal(a, b)
+
+
+def test_lightning_ddp_spawn_two_processes_match_the_large_batch_run():
+    """strategy="ddp_spawn" on two CPU processes (gloo), K=3: the weights Lightning brings back equal a
+    one-process run whose windows hold both ranks' micro-batches. Lightning's DistributedSampler shuffles
+    with seed 0 + epoch and gives rank r the items perm[r::2]; a rank's windows per epoch: 3, then 2."""
+    torch.manual_seed(0)
+    net = MLP()
+    gacc, big = Module(copy.deepcopy(net)), Module(copy.deepcopy(net))
+    trainer = pl.Trainer(max_epochs=2, accumulate_grad_batches=3, callbacks=[GaccCallback()], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         accelerator="cpu", devices=2, strategy="ddp_spawn")
+    data = micro_batches()
+    trainer.fit(gacc, torch.utils.data.DataLoader(data, batch_size=None, shuffle=False))
+    big_windows = []
+    for epoch in range(2):
+        perm = torch.randperm(N_BATCHES, generator=torch.Generator().manual_seed(epoch)).tolist()
+        ranks = [perm[r::2] for r in range(2)]
+        for part in (slice(0, 3), slice(3, 5)):
+            items = [data[i] for rank in ranks for i in rank[part]]
+            big_windows.append(tuple(torch.cat(t) for t in zip(*items)))
+    fit(big, big_windows, 1, epochs=1)
+    for p, q in zip(gacc.parameters(), big.parameters()):
+        torch.testing.assert_close(p, q, rtol=2e-5, atol=2e-5)
