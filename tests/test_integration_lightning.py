@@ -161,3 +161,24 @@ def test_lightning_ddp_spawn_two_processes_match_the_large_batch_run():
     fit(big, big_windows, 1, epochs=1)
     for p, q in zip(gacc.parameters(), big.parameters()):
         torch.testing.assert_close(p, q, rtol=2e-5, atol=2e-5)
+
+
+def test_lightning_fp16_with_a_grad_scaler():
+    """16-mixed with Lightning's GradScaler (autocast fp16 on the CPU): gacc gets the scaler, unscales and
+    checks for infs in its pass; the steps and the scale match the large-batch run to fp16 rounding."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    def plugin():
+        return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**8))
+
+    torch.manual_seed(0)
+    net = MLP()
+    gacc, big = Module(copy.deepcopy(net)), Module(copy.deepcopy(net))
+    fit(gacc, micro_batches(), 3, [GaccCallback()], plugins=[plugin()])
+    fit(big, windows(3), 1, plugins=[plugin()])
+    assert len(gacc.seen) == len(big.seen) == 8
+    for a, b in zip(gacc.seen, big.seen):
+        err = max((x - y).abs().max().item() for x, y in zip(a, b))
+        assert err <= 1e-2 * max(y.abs().max().item() for y in b)
+    for p, q in zip(gacc.parameters(), big.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-2, atol=1e-3)
