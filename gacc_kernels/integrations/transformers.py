@@ -1,4 +1,5 @@
-"""HF Trainer: `Trainer(..., callbacks=[gacc_kernels.integrations.transformers.GaccCallback()])`.
+"""HF Trainer: `Trainer(..., callbacks=[gacc_kernels.integrations.transformers.GaccCallback()])`, or
+under DDP (several processes), `trainer.add_callback(GaccCallback(trainer))`.
 
 What it translates (transformers 5.x):
 - K is `args.gradient_accumulation_steps`; the window ends where the Trainer syncs (it sets
@@ -11,10 +12,14 @@ What it translates (transformers 5.x):
 - It attaches at on_train_begin to the model and the torch optimizer inside the AcceleratedOptimizer
   (with its GradScaler for fp16), and removes itself at on_train_end.
 - The Trainer saves checkpoints only at optimizer steps, so there is no window state to save.
-Refused: several processes (DDP, FSDP, DeepSpeed) for now.
+- Under DDP gacc takes over the reducer's job on the DDP wrapper (`trainer.model_wrapped`, which only
+  the trainer knows) and sums the ranks; the Trainer's losses are scaled for DDP's average, so the sum is
+  divided by the world size in the same pass.
+Refused: FSDP and DeepSpeed; DDP without the trainer given to the callback.
 """
 from __future__ import annotations
 
+import torch
 from accelerate.state import GradientState
 from transformers import TrainerCallback
 
@@ -23,18 +28,27 @@ from .accelerate import unwrap_optimizer
 
 
 class GaccCallback(TrainerCallback):
-    def __init__(self, bucket_bytes: int = 128 << 20):
-        self.bucket_bytes = bucket_bytes
+    def __init__(self, trainer=None, bucket_bytes: int = 128 << 20):
+        self.trainer, self.bucket_bytes = trainer, bucket_bytes
         self.acc: GradAccumulator | None = None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if args.world_size > 1 or getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
-            raise RuntimeError("gacc's Trainer callback runs on one process for now; train without "
-                               "GaccCallback under DDP, FSDP or DeepSpeed")
+        if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
+            raise RuntimeError("gacc does not run under FSDP or DeepSpeed, which accumulate or shard gradients "
+                               "themselves; train without GaccCallback")
+        if args.world_size > 1:
+            if self.trainer is None:
+                raise RuntimeError("under DDP the callback needs the trainer, for its DDP-wrapped model: "
+                                   "trainer.add_callback(GaccCallback(trainer))")
+            model = self.trainer.model_wrapped
+            if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+                raise RuntimeError(f"gacc runs on several processes only under DDP; the Trainer wrapped the "
+                                   f"model in {type(model).__name__}")
         sync = GradientState()  # shared state: the Trainer sets sync_gradients before each micro-step
         self.acc = attach(model, unwrap_optimizer(optimizer), steps=args.gradient_accumulation_steps,
                           scaler=getattr(optimizer, "scaler", None), reduction="sum",
-                          window_end=lambda: sync.sync_gradients, bucket_bytes=self.bucket_bytes)
+                          loss_scale=float(args.world_size), window_end=lambda: sync.sync_gradients,
+                          bucket_bytes=self.bucket_bytes)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.acc is not None:
