@@ -272,10 +272,13 @@ class GradAccumulator:
             inv = ((weight_sum.double() if mean else torch.ones_like(weight_sum, dtype=torch.float64))
                    * self.loss_scale).reciprocal().float().reshape(1)
         else:
-            inv = torch.tensor([1.0 / ((weight_sum if mean else 1.0) * self.loss_scale)], dtype=torch.float32)
+            inv = 1.0 / ((weight_sum if mean else 1.0) * self.loss_scale)
         scales = []
         for buffer in self._buffers:
-            scale = inv.to(buffer.device)
+            if isinstance(inv, torch.Tensor):
+                scale = inv.to(buffer.device)
+            else:  # a fill on the device, no copy from the host
+                scale = torch.full((1,), inv, dtype=torch.float32, device=buffer.device)
             if self._scaler is not None and self._scaler.enabled:
                 scale = scale * self._scaler.inv_scale(buffer.device)
             scales.append(scale)
