@@ -148,8 +148,7 @@ class GradAccumulator:
     # -- capture's events -----------------------------------------------------------------------
 
     def backward_starting(self, will_accumulate, accumulated: bool) -> None:
-        if any(map(operator.is_not, (d.get(n) for d, n in self._held_in), self._params)):
-            raise RuntimeError(self._replaced_message)
+        self._check_not_replaced()
         w = self.window
         if w.state is State.BROKEN:
             raise RuntimeError(self._broken_message())
@@ -323,13 +322,17 @@ class GradAccumulator:
         "a quantization swap, .to() another device), so gacc no longer sees their gradients as they are. "
         "Call acc.remove() before replacing them and attach() after.")
 
-    def _check_parameters(self) -> None:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        n_opt = sum(len(g["params"]) for g in self.optimizer.param_groups)
-        if len(params) != len(self._params) or n_opt != self._n_opt_params:
-            raise RuntimeError("parameters were added after attach(); call acc.remove() and attach() again")
-        if any(p is not q for p, q in zip(params, self._params)):
+    def _check_not_replaced(self) -> None:
+        """Each parameter is still the object its module holds (checked at each backward and step)."""
+        if any(map(operator.is_not, (d.get(n) for d, n in self._held_in), self._params)):
             raise RuntimeError(self._replaced_message)
+
+    def _check_parameters(self) -> None:
+        self._check_not_replaced()
+        n_model = sum(1 for p in self.model.parameters() if p.requires_grad)
+        n_opt = sum(len(g["params"]) for g in self.optimizer.param_groups)
+        if n_model != len(self._params) or n_opt != self._n_opt_params:
+            raise RuntimeError("parameters were added after attach(); call acc.remove() and attach() again")
 
     def _before_step(self, optimizer, args, kwargs):
         self._check_parameters()

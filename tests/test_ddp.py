@@ -1,15 +1,11 @@
 """attach() on DistributedDataParallel: two gloo processes on the CPU against one large batch."""
 
-import os
-import sys
-import traceback
-
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import gacc_kernels
 from models import batches, make, weighted_mean
+from spawn import spawn
 
 K, WORLD = 3, 2
 
@@ -25,20 +21,6 @@ class TwoHeads(torch.nn.Module):
     def forward(self, x, use_b):
         out = self.body(x)
         return self.head_b(out) if use_b else out
-
-
-def _worker(rank, path, results):
-    """Ends with os._exit: a gloo worker can abort in interpreter teardown after a clean run. So an
-    exception is printed here and turned into exit code 1, which mp.spawn reports as a failure."""
-    try:
-        _train(rank, path, results)
-    except BaseException:
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def _train(rank, path, results):
@@ -58,7 +40,7 @@ def _train(rank, path, results):
 
 def test_ddp_all_reduces_the_flat_buffer_once(tmp_path):
     results = str(tmp_path / "grads")
-    mp.spawn(_worker, args=(str(tmp_path / "store"), results), nprocs=WORLD, join=True)
+    spawn(_train, WORLD, str(tmp_path / "store"), results)
     ranks = [torch.load(f"{results}.{r}") for r in range(WORLD)]
 
     torch.manual_seed(0)

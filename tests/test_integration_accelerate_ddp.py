@@ -1,15 +1,11 @@
 """integrations.accelerate.attach under Accelerate's multi-process CPU mode: two gloo processes
 against the single-process large-batch run (each window: K micro-batches on each rank)."""
 import copy
-import os
-import socket
-import sys
-import traceback
 
 import torch
-import torch.multiprocessing as mp
 
 from models import MLP
+from spawn import spawn
 
 K, WORLD, N, MICRO = 3, 2, 10, 4  # 10 batches: 5 per rank, windows of 3 + 2 per rank per epoch
 
@@ -20,37 +16,27 @@ def dataset():
     return torch.utils.data.TensorDataset(x, y)
 
 
-def _worker(rank, port, net, results):
-    """Ends with os._exit (a gloo worker can abort at interpreter teardown); an error exits with 1."""
-    try:
-        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
-        from accelerate import Accelerator
+def _train(rank, net, results):
+    from accelerate import Accelerator
 
-        from gacc_kernels.integrations import accelerate as gacc_accelerate
-        accelerator = Accelerator(gradient_accumulation_steps=K, cpu=True)
-        opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-        loader = torch.utils.data.DataLoader(dataset(), batch_size=MICRO, shuffle=False)
-        model, opt, loader = accelerator.prepare(net, opt, loader)
-        acc = gacc_accelerate.attach(accelerator, model, opt)
-        seen = []
-        for _ in range(2):
-            for x, y in loader:
-                with accelerator.accumulate(model):
-                    accelerator.backward(torch.nn.functional.mse_loss(model(x), y))
-                    if accelerator.sync_gradients:
-                        seen.append([p.grad.detach().double().clone() for p in model.parameters()])
-                    opt.step()
-                    opt.zero_grad()
-        acc.remove()
-        torch.save({"seen": seen, "params": [p.detach().clone() for p in net.parameters()]}, f"{results}.{rank}")
-        torch.distributed.destroy_process_group()
-    except BaseException:
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
-    sys.stdout.flush()
-    os._exit(0)
+    from gacc_kernels.integrations import accelerate as gacc_accelerate
+    accelerator = Accelerator(gradient_accumulation_steps=K, cpu=True)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    loader = torch.utils.data.DataLoader(dataset(), batch_size=MICRO, shuffle=False)
+    model, opt, loader = accelerator.prepare(net, opt, loader)
+    acc = gacc_accelerate.attach(accelerator, model, opt)
+    seen = []
+    for _ in range(2):
+        for x, y in loader:
+            with accelerator.accumulate(model):
+                accelerator.backward(torch.nn.functional.mse_loss(model(x), y))
+                if accelerator.sync_gradients:
+                    seen.append([p.grad.detach().double().clone() for p in model.parameters()])
+                opt.step()
+                opt.zero_grad()
+    acc.remove()
+    torch.save({"seen": seen, "params": [p.detach().clone() for p in net.parameters()]}, f"{results}.{rank}")
+    torch.distributed.destroy_process_group()
 
 
 def large_batch_run(net):
@@ -73,11 +59,8 @@ def large_batch_run(net):
 def test_accelerate_two_processes_match_the_large_batch_run(tmp_path):
     torch.manual_seed(0)
     net = MLP()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     results = str(tmp_path / "rank")
-    mp.spawn(_worker, args=(port, copy.deepcopy(net), results), nprocs=WORLD, join=True)
+    spawn(_train, WORLD, copy.deepcopy(net), results)
     ranks = [torch.load(f"{results}.{r}") for r in range(WORLD)]
     seen_big, big = large_batch_run(copy.deepcopy(net))
     for rank in ranks:

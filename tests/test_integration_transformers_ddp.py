@@ -1,53 +1,37 @@
 """GaccCallback(trainer) with the HF Trainer on two gloo processes (DDP) against the Trainer's own DDP run
 without gacc, K=3 with a short last window: the same grads at every step, and the same weights."""
 import os
-import socket
-import sys
-import traceback
 
 import torch
-import torch.multiprocessing as mp
 
+from spawn import spawn
 from test_integration_transformers import Seen, Sequences, tiny_llama
 
 WORLD = 2
 
 
-def _worker(rank, port, use_gacc, out):
-    """Ends with os._exit (a gloo worker can abort at interpreter teardown); an error exits with 1."""
-    try:
-        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
-        import transformers
+def _train(rank, use_gacc, out):
+    import transformers
 
-        from gacc_kernels.integrations.transformers import GaccCallback
-        seen = Seen()
-        args = transformers.TrainingArguments(
-            output_dir=out, per_device_train_batch_size=1, gradient_accumulation_steps=3, num_train_epochs=2,
-            learning_rate=1e-3, max_grad_norm=0.0, lr_scheduler_type="constant", save_strategy="no", report_to=[],
-            use_cpu=True, seed=11, logging_strategy="no", disable_tqdm=True, ddp_backend="gloo")
-        trainer = transformers.Trainer(model=tiny_llama(), args=args, train_dataset=Sequences(), callbacks=[seen])
-        if use_gacc:
-            trainer.add_callback(GaccCallback(trainer))
-        trainer.train()
-        torch.save({"seen": seen.grads, "params": [p.detach().clone() for p in trainer.model.parameters()]},
-                   f"{out}/rank{rank}.pt")
-        torch.distributed.destroy_process_group()
-    except BaseException:
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
-    sys.stdout.flush()
-    os._exit(0)
+    from gacc_kernels.integrations.transformers import GaccCallback
+    seen = Seen()
+    args = transformers.TrainingArguments(
+        output_dir=out, per_device_train_batch_size=1, gradient_accumulation_steps=3, num_train_epochs=2,
+        learning_rate=1e-3, max_grad_norm=0.0, lr_scheduler_type="constant", save_strategy="no", report_to=[],
+        use_cpu=True, seed=11, logging_strategy="no", disable_tqdm=True, ddp_backend="gloo")
+    trainer = transformers.Trainer(model=tiny_llama(), args=args, train_dataset=Sequences(), callbacks=[seen])
+    if use_gacc:
+        trainer.add_callback(GaccCallback(trainer))
+    trainer.train()
+    torch.save({"seen": seen.grads, "params": [p.detach().clone() for p in trainer.model.parameters()]},
+               f"{out}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
 
 
 def run(tmp_path, use_gacc):
     out = str(tmp_path / ("gacc" if use_gacc else "stock"))
     os.makedirs(out)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(port, use_gacc, out), nprocs=WORLD, join=True)
+    spawn(_train, WORLD, use_gacc, out)
     return [torch.load(f"{out}/rank{r}.pt") for r in range(WORLD)]
 
 

@@ -1,19 +1,16 @@
 """Data-parallel wrappers gacc cannot be exact under are refused at attach (one gloo process)."""
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 
 import gacc_kernels
+from spawn import free_port
 
 
 @pytest.fixture
 def one_process_group():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
 
