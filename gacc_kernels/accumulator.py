@@ -4,7 +4,7 @@ GradAccumulator wires the stages together, one module each:
     capture   autograd hooks: backward start, each parameter's grad, backward end
     layout    the flat fp32 buffer per device, its slots and buckets; a bucket launches when complete
     window    the window's state: micro-step count, weights, early step, the fused last pass
-    reduce    nothing on one process; the all-reduce under DDP
+    reduce    nothing on one process; data parallel: bucket all-reduces overlapped with the last backward
     finalize  scale, inf check, norm, cast: in the last micro-step's launches, or one pass after
     publish   p.grad and p.main_grad, what the optimizer reads
     amp       the GradScaler
@@ -25,7 +25,7 @@ from .amp import ScalerBridge
 from .capture import Capture
 from .layout import DeviceBuffer, Slot
 from .patch import set_attr
-from .reduce import DDPAllReduce, LocalReducer
+from .reduce import AllReduce, LocalReducer
 from .window import State, Window
 
 _ATTACHED: weakref.WeakKeyDictionary[torch.nn.Module, GradAccumulator] = weakref.WeakKeyDictionary()
@@ -33,10 +33,12 @@ _ATTACHED: weakref.WeakKeyDictionary[torch.nn.Module, GradAccumulator] = weakref
 
 def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int, scaler=None,
            reduction: str = "mean", loss_scale: float = 1.0, window_end=None,
-           bucket_bytes: int = 128 << 20) -> GradAccumulator:
+           bucket_bytes: int = 128 << 20, process_group=None,
+           comm_dtype: torch.dtype = torch.float32) -> GradAccumulator:
     """Accumulate `steps` micro-steps of gradients in fp32 before each optimizer step. See GradAccumulator."""
     return GradAccumulator(model, optimizer, steps, scaler=scaler, reduction=reduction, loss_scale=loss_scale,
-                           window_end=window_end, bucket_bytes=bucket_bytes)
+                           window_end=window_end, bucket_bytes=bucket_bytes, process_group=process_group,
+                           comm_dtype=comm_dtype)
 
 
 def _check_attachable(model, optimizer, steps, reduction) -> list[torch.nn.Parameter]:
@@ -92,6 +94,25 @@ def _check_wrapper(model: torch.nn.Module) -> None:
                              f"parallelism), found in a {name}; use DDP or the framework's own accumulation")
 
 
+def _data_parallel_group(model: torch.nn.Module, process_group):
+    """The process group to reduce over: a DDP wrapper's, or the one given; None on one process."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        if process_group is not None and process_group is not model.process_group:
+            raise ValueError("process_group= differs from the DistributedDataParallel model's; leave it out")
+        return model.process_group
+    if process_group is not None and not torch.distributed.is_initialized():
+        raise ValueError("process_group= was given, but torch.distributed is not initialized")
+    return process_group
+
+
+def _broadcast_from_first_rank(model: torch.nn.Module, group) -> None:
+    """Every rank starts from the same weights and buffers, as DistributedDataParallel does."""
+    src = torch.distributed.get_global_rank(group, 0)
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            torch.distributed.broadcast(t, src=src, group=group)
+
+
 class GradAccumulator:
     """Exact fp32 gradient accumulation over `steps` micro-steps, enabled on an unchanged loop.
 
@@ -105,11 +126,17 @@ class GradAccumulator:
     over the micro-steps it ran, also when a window ends early.
     window_end, a callable read as each backward starts, ends the window after that micro-step when it
     returns True (a framework's sync point), before the K-th; `steps` stays the most a window may hold.
+
+    Data parallel: on a DistributedDataParallel model (DDP's own sync is turned off), or on a plain
+    model with process_group= (its parameters and buffers are broadcast from the group's first rank
+    at attach, as DDP does), the window's result is summed over the ranks bucket by bucket while the
+    last backward runs: the optimizer sees sum over ranks and micro-steps of w*g / the total weight.
+    comm_dtype=torch.bfloat16 halves the bytes sent, at bf16 precision (see reduce.AllReduce).
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int, *,
                  scaler=None, reduction: str = "mean", loss_scale: float = 1.0, window_end=None,
-                 bucket_bytes: int = 128 << 20):
+                 bucket_bytes: int = 128 << 20, process_group=None, comm_dtype: torch.dtype = torch.float32):
         params = _check_attachable(model, optimizer, steps, reduction)
         loss_scale = float(loss_scale)
         if not (0.0 < loss_scale < float("inf")):
@@ -125,8 +152,9 @@ class GradAccumulator:
         self._n_opt_params = sum(len(g["params"]) for g in optimizer.param_groups)
         devices = list(dict.fromkeys(p.device for p in params))
         ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
-        if ddp and len(devices) != 1:
-            raise ValueError("gacc with DistributedDataParallel needs one device per process")
+        group = _data_parallel_group(model, process_group)
+        if group is not None and len(devices) != 1:
+            raise ValueError("gacc data parallel needs the parameters on one device per process")
         self._buffers = [DeviceBuffer(d, [p for p in params if p.device == d], bucket_bytes) for d in devices]
         self._slots: list[Slot] = [s for b in self._buffers for s in b.slots]
         self._fuse = True  # off once a parameter got two grads in one micro-step
@@ -134,7 +162,15 @@ class GradAccumulator:
         self._scaler = None if scaler is None else ScalerBridge(scaler, optimizer, self._found_infs)
 
         with contextlib.ExitStack() as undo:  # attach is atomic: a failure undoes what was done
-            self._reducer = DDPAllReduce(model, undo) if ddp else LocalReducer()
+            if group is None:
+                self._reducer = LocalReducer()
+            else:
+                self._reducer = AllReduce(group, self._buffers[0], comm_dtype)
+                if ddp:  # its reducer would all-reduce the grads gacc takes away, i.e. zeros
+                    model.require_backward_grad_sync = False
+                    undo.callback(setattr, model, "require_backward_grad_sync", True)
+                else:
+                    _broadcast_from_first_rank(model, group)
             self._capture.install(undo)
             undo.callback(optimizer.register_step_pre_hook(self._before_step).remove)
             undo.callback(optimizer.register_step_post_hook(self._after_step).remove)
@@ -177,6 +213,9 @@ class GradAccumulator:
         w = self.window
         if slot.micro == w.micro:  # a second grad in this micro-step (reentrant checkpointing, micro_step())
             self._fuse = False
+            slot.bucket.repeats = True
+            if w.is_last() and self._reducer.take_late(slot, g, w.weight):
+                return
             slot.bucket.flush(w.weight)  # launch the first before the second
             if slot.fused == w.micro:
                 finalize.add_to_finished(slot, g, w.weight)
@@ -185,7 +224,7 @@ class GradAccumulator:
         store = slot.window != w.id
         slot.window = w.id
         if slot.bucket.add(slot, g, store, w.weight, stream) and w.is_last():
-            self._reducer.on_bucket_ready(slot.bucket)
+            self._reducer.on_bucket_ready(slot.bucket, w.weight_sum + w.weight)
 
     def _refuse_grad(self, slot: Slot, g: torch.Tensor) -> None:
         if g.layout != torch.strided:
@@ -196,10 +235,9 @@ class GradAccumulator:
 
     def backward_done(self, delivered: bool) -> None:
         w = self.window
-        for buffer in self._buffers:
-            for bucket in buffer.buckets:
-                if bucket.flush(w.weight) and w.is_last():
-                    self._reducer.on_bucket_ready(bucket)
+        for buffer in self._buffers:  # incomplete buckets: the reducer takes them at finish, after
+            for bucket in buffer.buckets:  # _finalize has zeroed their slots' values from older windows
+                bucket.flush(w.weight)
         if not delivered:
             return  # torch.autograd.grad, or a backward that reached no parameter: not a micro-step
         if w.context >= 0:
@@ -212,6 +250,7 @@ class GradAccumulator:
             for bucket in buffer.buckets:
                 bucket.drop()
         finalize.arm(self._buffers, None)
+        self._reducer.abort()
         if delivered:  # some of its grads may be in the buffer: this window cannot be exact
             self.window.break_()
 

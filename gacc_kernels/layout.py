@@ -37,11 +37,12 @@ def contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
 
 class Slot:
     """One parameter's place in its device's flat buffer, and where it stands in the window."""
-    __slots__ = ("param", "buffer", "segment", "bucket", "start", "numel", "strides", "contiguous", "main",
-                 "out", "window", "micro", "fused", "version")
+    __slots__ = ("param", "buffer", "segment", "bucket", "start", "order", "numel", "strides", "contiguous",
+                 "main", "out", "window", "micro", "fused", "version")
 
-    def __init__(self, param: torch.nn.Parameter, buffer: DeviceBuffer, segment: int, start: int):
+    def __init__(self, param: torch.nn.Parameter, buffer: DeviceBuffer, segment: int, start: int, order: int):
         self.param, self.buffer, self.segment, self.start = param, buffer, segment, start
+        self.order = order  # its place in backward order (reverse registration order) on its device
         self.numel = param.numel()
         self.strides = dense_strides(param)
         self.contiguous = param.is_contiguous()  # then its memory order is the logical order
@@ -82,6 +83,8 @@ class Bucket:
         self.launch = ops.choose("accumulate_many_", buffer.device.type).impl
         self.launch_last = ops.choose("accumulate_finalize_", buffer.device.type).impl
         self.stream = None  # the raw CUDA stream its pending grads were produced on
+        self.repeats = False  # a parameter of it got two grads in one micro-step (tied, reentrant checkpoint)
+        self.on_wire = False  # its collective is in flight (reduce.AllReduce)
         self._clear()
 
     def _clear(self) -> None:
@@ -158,8 +161,10 @@ class DeviceBuffer:
         backward_order = params[::-1]
         for dtype in sorted({p.dtype for p in params}, key=str):
             begin = end
-            for p in (p for p in backward_order if p.dtype == dtype):
-                self.slots.append(Slot(p, self, len(self.segments), end))
+            for order, p in enumerate(backward_order):
+                if p.dtype != dtype:
+                    continue
+                self.slots.append(Slot(p, self, len(self.segments), end, order))
                 end += -(-p.numel() // CHUNK) * CHUNK
             self.segments.append((dtype, begin, end))
         self.buf = torch.zeros(end, dtype=torch.float32, device=device)  # padding stays 0 forever
