@@ -20,12 +20,12 @@ from typing import Any
 
 import torch
 
-from . import finalize, publish
+from . import finalize, fused_linear, publish
 from .amp import ScalerBridge
 from .capture import Capture
 from .layout import DeviceBuffer, Slot
 from .patch import set_attr
-from .reduce import AllReduce, LocalReducer
+from .reduce import AllReduce, LocalReducer, RanksDisagree, ShardedReducer, fsdp2_modules
 from .window import State, Window
 
 _ATTACHED: weakref.WeakKeyDictionary[torch.nn.Module, GradAccumulator] = weakref.WeakKeyDictionary()
@@ -34,11 +34,11 @@ _ATTACHED: weakref.WeakKeyDictionary[torch.nn.Module, GradAccumulator] = weakref
 def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int, scaler=None,
            reduction: str = "mean", loss_scale: float = 1.0, window_end=None,
            bucket_bytes: int = 128 << 20, process_group=None,
-           comm_dtype: torch.dtype = torch.float32) -> GradAccumulator:
+           comm_dtype: torch.dtype = torch.float32, fuse_linear: bool = False) -> GradAccumulator:
     """Accumulate `steps` micro-steps of gradients in fp32 before each optimizer step. See GradAccumulator."""
     return GradAccumulator(model, optimizer, steps, scaler=scaler, reduction=reduction, loss_scale=loss_scale,
                            window_end=window_end, bucket_bytes=bucket_bytes, process_group=process_group,
-                           comm_dtype=comm_dtype)
+                           comm_dtype=comm_dtype, fuse_linear=fuse_linear)
 
 
 def _check_attachable(model, optimizer, steps, reduction) -> list[torch.nn.Parameter]:
@@ -85,13 +85,25 @@ def _check_wrapper(model: torch.nn.Module) -> None:
         raise ValueError("gacc does not support DistributedDataParallel(static_graph=True): DDP's reducer then "
                          "expects its own per-backward hooks, which gacc turns off; build DDP without static_graph")
     for m in model.modules():
-        name = type(m).__name__
-        if name == "FullyShardedDataParallel":
+        if type(m).__name__ == "FullyShardedDataParallel":
             raise ValueError("gacc does not support FSDP1 (FullyShardedDataParallel): it reduce-scatters and "
-                             "shards the grads before any hook of gacc's could see them; use DDP")
-        if any(type(p).__name__ == "DTensor" for p in m.parameters(recurse=False)):
-            raise ValueError(f"gacc does not support DTensor parameters yet (FSDP2 fully_shard, tensor "
-                             f"parallelism), found in a {name}; use DDP or the framework's own accumulation")
+                             "shards the grads before any hook of gacc's could see them; use FSDP2 "
+                             "(torch.distributed.fsdp.fully_shard) or DDP")
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    sharded = [n for n, p in trainable if type(p).__name__ == "DTensor"]
+    if not sharded:
+        return
+    if not fsdp2_modules(model):
+        raise ValueError(f"gacc does not support DTensor parameters outside FSDP2 (tensor parallelism), found "
+                         f"{sharded[0]}; use fully_shard or DDP")
+    plain = [n for n, p in trainable if type(p).__name__ != "DTensor"]
+    if plain:
+        raise ValueError(f"under FSDP2 every trainable parameter must be sharded, but {plain[0]} is not (its "
+                         "grads would not be reduced over the ranks): call fully_shard on the root module too")
+    meshes = {p.device_mesh.ndim for _, p in trainable}
+    if meshes != {1}:
+        raise ValueError("gacc supports FSDP2 on a 1-D device mesh only (not HSDP, nor FSDP with tensor "
+                         "parallelism)")
 
 
 def _data_parallel_group(model: torch.nn.Module, process_group):
@@ -132,11 +144,18 @@ class GradAccumulator:
     at attach, as DDP does), the window's result is summed over the ranks bucket by bucket while the
     last backward runs: the optimizer sees sum over ranks and micro-steps of w*g / the total weight.
     comm_dtype=torch.bfloat16 halves the bytes sent, at bf16 precision (see reduce.AllReduce).
+
+    fuse_linear=True: the weight grad GEMM of each plain nn.Linear with a bf16/fp16 weight on CUDA
+    writes the weight's slot itself, in fp32, and no bf16 weight grad is made (see fused_linear).
+    Parameters that have a grad_added_to_main_grad attribute at attach (the Megatron and Transformer
+    Engine contract for layers that add their weight grad into p.main_grad themselves) keep
+    p.main_grad, zeroed, throughout the window; their micro-steps cannot be weighted.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int, *,
                  scaler=None, reduction: str = "mean", loss_scale: float = 1.0, window_end=None,
-                 bucket_bytes: int = 128 << 20, process_group=None, comm_dtype: torch.dtype = torch.float32):
+                 bucket_bytes: int = 128 << 20, process_group=None, comm_dtype: torch.dtype = torch.float32,
+                 fuse_linear: bool = False):
         params = _check_attachable(model, optimizer, steps, reduction)
         loss_scale = float(loss_scale)
         if not (0.0 < loss_scale < float("inf")):
@@ -155,14 +174,23 @@ class GradAccumulator:
         group = _data_parallel_group(model, process_group)
         if group is not None and len(devices) != 1:
             raise ValueError("gacc data parallel needs the parameters on one device per process")
+        self._sharded = bool(fsdp2_modules(model))
+        if self._sharded and process_group is not None:
+            raise ValueError("process_group= with FSDP2: gacc reduces over the FSDP mesh; leave it out")
+        if self._sharded and len(devices) != 1:
+            raise ValueError("gacc with FSDP2 needs the parameters on one device per process")
         self._buffers = [DeviceBuffer(d, [p for p in params if p.device == d], bucket_bytes) for d in devices]
         self._slots: list[Slot] = [s for b in self._buffers for s in b.slots]
         self._fuse = True  # off once a parameter got two grads in one micro-step
+        # layers that add into p.main_grad themselves (see _open_main_grads)
+        self._main_grad_slots = {s for s in self._slots if "grad_added_to_main_grad" in vars(s.param)}
         self._capture = Capture(model, self._slots, self)
         self._scaler = None if scaler is None else ScalerBridge(scaler, optimizer, self._found_infs)
 
         with contextlib.ExitStack() as undo:  # attach is atomic: a failure undoes what was done
-            if group is None:
+            if self._sharded:
+                self._reducer = ShardedReducer(model, self.window, undo)
+            elif group is None:
                 self._reducer = LocalReducer()
             else:
                 self._reducer = AllReduce(group, self._buffers[0], comm_dtype)
@@ -172,6 +200,8 @@ class GradAccumulator:
                 else:
                     _broadcast_from_first_rank(model, group)
             self._capture.install(undo)
+            if fuse_linear:
+                fused_linear.install(model, self._slots, self._capture, undo)
             undo.callback(optimizer.register_step_pre_hook(self._before_step).remove)
             undo.callback(optimizer.register_step_post_hook(self._after_step).remove)
             set_attr(optimizer, "zero_grad", self._zero_grad, undo)
@@ -180,11 +210,14 @@ class GradAccumulator:
             _ATTACHED[model] = self
             undo.callback(_ATTACHED.pop, model, None)
             self._undo = undo.pop_all()
+        self._open_main_grads()
 
     # -- capture's events -----------------------------------------------------------------------
 
     def backward_starting(self, will_accumulate, accumulated: bool) -> None:
-        self._check_not_replaced()
+        if not self._sharded:  # FSDP2 holds unsharded parameters during forward and backward
+            self._check_not_replaced()
+        self._reducer.before_backward()
         w = self.window
         if w.state is State.BROKEN:
             raise RuntimeError(self._broken_message())
@@ -226,6 +259,35 @@ class GradAccumulator:
         if slot.bucket.add(slot, g, store, w.weight, stream) and w.is_last():
             self._reducer.on_bucket_ready(slot.bucket, w.weight_sum + w.weight)
 
+    def write_fused(self, slot: Slot, write) -> None:
+        """A grad that goes straight into the slot, not through p.grad, with grad_ready's bookkeeping.
+        write(out, beta, alpha) makes out = beta * out + alpha * grad in fp32 (fused_linear); write is None
+        where the parameter's layer has already added the grad into p.main_grad (_open_main_grads)."""
+        w = self.window
+        if write is None and slot not in self._main_grad_slots:
+            raise RuntimeError("a layer added its grad into p.main_grad (grad_added_to_main_grad) of a parameter "
+                               "that had no grad_added_to_main_grad attribute at attach(); set it (False) first")
+        if slot.micro == w.micro:  # a second grad in this micro-step (tied weights, a layer used twice)
+            slot.bucket.repeats = True
+            if not slot.bucket.on_wire:
+                slot.bucket.flush(w.weight)  # a queued one lands first
+            if slot.fused == w.micro or slot.bucket.on_wire:  # finalized, or being reduced: added apart
+                self._fuse = False
+                if write is None:
+                    raise RuntimeError("a layer added its grad into p.main_grad after gacc had finalized or sent "
+                                       "it (the parameter also got a grad through autograd in this micro-step)")
+                g = torch.empty_like(slot.main)
+                write(g, 0.0, 1.0)
+                self.grad_ready(slot, g, None)
+                return
+        slot.micro = w.micro
+        store = slot.window != w.id
+        slot.window = w.id
+        if write is not None:
+            write(slot.main, 0.0 if store else 1.0, w.weight)
+        if slot.bucket.arrive(slot, w.weight) and w.is_last():
+            self._reducer.on_bucket_ready(slot.bucket, w.weight_sum + w.weight)
+
     def _refuse_grad(self, slot: Slot, g: torch.Tensor) -> None:
         if g.layout != torch.strided:
             raise RuntimeError(f"gacc got a sparse gradient ({g.layout}) for a parameter of shape "
@@ -255,6 +317,8 @@ class GradAccumulator:
             self.window.break_()
 
     def _broken_message(self) -> str:
+        if self.window.broken_why:
+            return self.window.broken_why + " Call optimizer.zero_grad() to discard this window."
         return (f"a backward raised an exception during micro-step {self.window.broken_at} of this window, "
                 "after some of its gradients had reached gacc's buffer, so the window cannot be exact. "
                 "Call optimizer.zero_grad() to discard it (skip the batch), then go on.")
@@ -272,12 +336,27 @@ class GradAccumulator:
             buffer.outs = [None] * len(buffer.segments)
             buffer.last_scale = None
         self.window.open()
+        self._open_main_grads()
+
+    def _open_main_grads(self) -> None:
+        """Parameters whose layers add their grad into p.main_grad themselves (grad_added_to_main_grad:
+        Transformer Engine's fuse_wgrad_accumulation, Megatron) see their slot as p.main_grad throughout
+        the window, zeroed as it opens, since those layers can only add."""
+        w = self.window
+        for slot in self._main_grad_slots:
+            if slot.window != w.id:
+                slot.main.zero_()
+                slot.window = w.id
+            slot.param.main_grad = slot.main
 
     def set_weight(self, weight: float) -> None:
         """Weight of the next micro-step (its token count, say); the default is 1. Call before backward."""
         weight = float(weight)
         if not (weight >= 0.0 and weight != float("inf")):
             raise ValueError(f"a micro-step weight must be finite and >= 0, got {weight}")
+        if weight != 1.0 and self._main_grad_slots:
+            raise ValueError("micro-step weights other than 1 are not possible with parameters whose layers add "
+                             "into p.main_grad themselves (grad_added_to_main_grad): those layers cannot weigh")
         self._capture.check_idle()
         if self._capture.task is not None:
             raise RuntimeError("set_weight() during backward; call it before the micro-step's backward")
@@ -332,8 +411,13 @@ class GradAccumulator:
             elif fused and slot.fused != w.fused:  # no grad in the fused last micro-step
                 finalize.slot(slot, slot.buffer.last_scale)
         if not fused:
-            written, weight_sum = self._reducer.finish(self._buffers, written, w.weight_sum)
+            try:
+                written, weight_sum = self._reducer.finish(self._buffers, written, w.weight_sum)
+            except RanksDisagree as e:  # raised at the step, not inside backward (FSDP's callbacks go on)
+                w.break_(str(e))
+                return
             finalize.whole_pass(self._buffers, self._scales(weight_sum))
+            self._reducer.after_finalize(self._buffers)
         publish.publish(self._buffers, self._slots, written)
         w.state = State.FINISHED
 
@@ -413,7 +497,8 @@ class GradAccumulator:
         if self.window.state not in (State.FINISHED, State.STEPPED):
             raise RuntimeError("no finished window: run at least one micro-step's backward")
         first = self._buffers[0].device
-        return torch.stack([b.partials.sum().to(first) for b in self._buffers]).sum().sqrt()
+        local = torch.stack([b.partials.sum().to(first) for b in self._buffers]).sum()
+        return self._reducer.global_sq_norm(local).sqrt()
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Like torch.nn.utils.clip_grad_norm_ over the model's gradients, using the fused pass's norm;
@@ -425,6 +510,19 @@ class GradAccumulator:
         finalize.clip_(self._buffers, coef)
         publish.mark_current(self._slots)
         return total
+
+    def clip_for(self, parameters, max_norm: float, norm_type: float = 2.0) -> torch.Tensor | None:
+        """A framework's clip_grad_norm_(parameters, ...) done by gacc, in fp32 on p.grad and p.main_grad
+        alike, when `parameters` are the ones gacc manages (frozen ones aside) and the norm is L2; None
+        otherwise (then the framework clips itself). max_norm=inf only measures the norm."""
+        params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+        if float(norm_type) != 2.0 or {id(p) for p in params if p.requires_grad} != set(map(id, self._params)):
+            return None
+        return self.total_norm() if float(max_norm) == float("inf") else self.clip_grad_norm_(max_norm)
+
+    def set_while_attached(self, obj: Any, name: str, value: Any) -> None:
+        """obj.name = value until remove() (for the framework integrations)."""
+        set_attr(obj, name, value, self._undo)
 
     # -- checkpointing and removal ------------------------------------------------------------------
 
@@ -445,7 +543,7 @@ class GradAccumulator:
         fresh = w.state is State.STEPPED  # the next backward starts a new window
         return {"steps": self.steps, "layout": self._layout(),
                 "micro_steps": 0 if fresh else w.done,
-                "weight_sum": 0.0 if fresh else w.weight_sum, "weight": w.weight,
+                "weights": [] if fresh else w.weights, "weight": w.weight,
                 "written": [not fresh and s.window == w.id for s in self._slots],
                 "buffers": [b.buf.clone() for b in self._buffers]}
 
@@ -458,7 +556,9 @@ class GradAccumulator:
             buffer.buf.copy_(buf)
         for slot, wrote in zip(self._slots, state["written"]):
             slot.window = w.id if wrote else -1
-        w.done, w.weight_sum, w.weight = state["micro_steps"], state["weight_sum"], state["weight"]
+        w.done, w.weights, w.weight = state["micro_steps"], list(state["weights"]), state["weight"]
+        w.weight_sum = sum(w.weights, 0.0)  # the same additions, in the same order
+        self._open_main_grads()
 
     def remove(self) -> None:
         """Remove every hook and attribute. A window in progress is finalized into p.grad first (a broken

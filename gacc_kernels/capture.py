@@ -3,7 +3,8 @@
 It hands the accumulator three events of each backward (graph task) through the model:
     start  a grad hook on each of the model's outputs, the first of which fires before any parameter's
            grad is accumulated (or the first parameter grad, for a backward that bypasses the outputs)
-    grad   each parameter's post-accumulate-grad hook; the grad is taken out of p.grad
+    grad   each parameter's post-accumulate-grad hook; the grad is taken out of p.grad (or, for a
+           weight that fused_linear or its own layer writes into the buffer, `fused_grad`)
     end    a callback queued on the engine, after every grad of the backward
 A backward that raised never reaches its end: the next forward, step or zero_grad sees that and
 reports it as aborted, so the state is reset cleanly.
@@ -18,13 +19,14 @@ from typing import Protocol
 import torch
 from torch.utils._pytree import tree_leaves
 
-from .layout import Slot
+from .layout import Slot, local
 from .patch import plain_copies
 
 
 class Sink(Protocol):
     def backward_starting(self, will_accumulate, accumulated: bool) -> None: ...
     def grad_ready(self, slot: Slot, grad: torch.Tensor, stream) -> None: ...
+    def write_fused(self, slot: Slot, write) -> None: ...
     def backward_done(self, delivered: bool) -> None: ...
     def backward_aborted(self, delivered: bool) -> None: ...
 
@@ -91,9 +93,15 @@ class Capture:
         torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
 
     def _on_grad(self, slot: Slot, p: torch.Tensor) -> None:
+        if p.__dict__.get("grad_added_to_main_grad"):  # its layer added its grad into p.main_grad (TE)
+            p.grad_added_to_main_grad = False
+            if not p.__dict__.get("zero_out_wgrad"):
+                p.grad = None  # a placeholder
+            self.fused_grad(slot, None)
         g = p.grad
         if g is None:
             return
+        g = local(g)  # FSDP2 hands over this rank's shard, after its reduce-scatter
         if self.task is None:  # a backward that did not pass through the model's outputs
             with self._lock:
                 if self.task is None:
@@ -103,6 +111,15 @@ class Capture:
         self.sink.grad_ready(slot, g, stream)
         self.delivered = True
         p.grad = None
+
+    def fused_grad(self, slot: Slot, write) -> None:
+        """A grad that goes straight into the slot, not through p.grad: GradAccumulator.write_fused."""
+        if self.task is None:
+            with self._lock:
+                if self.task is None:
+                    self._begin(accumulated=write is None)
+        self.delivered = True
+        self.sink.write_fused(slot, write)
 
     def _on_backward_end(self) -> None:
         delivered, self.task, self.delivered = self.delivered, None, False

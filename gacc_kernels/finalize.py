@@ -36,7 +36,7 @@ def slot(s: Slot, scale: torch.Tensor) -> None:
     buffer = s.buffer
     dtype = buffer.segments[s.segment][0]
     if dtype != torch.float32 and s.out is None:
-        s.out = torch.empty_strided(s.param.shape, s.strides, dtype=dtype, device=buffer.device)
+        s.out = torch.empty_strided(s.shape, s.strides, dtype=dtype, device=buffer.device)
     ops.finalize_(s.flat(buffer.buf), scale, buffer.found_inf, s.partials(),
                   None if s.out is None else s.out.as_strided((s.numel,), (1,)))
 

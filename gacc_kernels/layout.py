@@ -16,6 +16,11 @@ from . import ops
 from .reference import CHUNK
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's shard on this rank (FSDP2's parameters and grads), else the tensor itself."""
+    return getattr(t, "_local_tensor", t)
+
+
 def dense_strides(param: torch.Tensor) -> tuple[int, ...]:
     """The strides of a parameter's slot: its own where it is dense (channels_last and other
     permutations, so p.grad keeps the parameter's layout), else contiguous."""
@@ -37,15 +42,16 @@ def contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
 
 class Slot:
     """One parameter's place in its device's flat buffer, and where it stands in the window."""
-    __slots__ = ("param", "buffer", "segment", "bucket", "start", "order", "numel", "strides", "contiguous",
-                 "main", "out", "window", "micro", "fused", "version")
+    __slots__ = ("param", "buffer", "segment", "bucket", "start", "order", "shape", "numel", "strides",
+                 "contiguous", "main", "out", "window", "micro", "fused", "version")
 
     def __init__(self, param: torch.nn.Parameter, buffer: DeviceBuffer, segment: int, start: int, order: int):
         self.param, self.buffer, self.segment, self.start = param, buffer, segment, start
         self.order = order  # its place in backward order (reverse registration order) on its device
-        self.numel = param.numel()
-        self.strides = dense_strides(param)
-        self.contiguous = param.is_contiguous()  # then its memory order is the logical order
+        shard = local(param)  # a slot holds this rank's shard of an FSDP2 parameter
+        self.shape, self.numel = shard.shape, shard.numel()
+        self.strides = dense_strides(shard)
+        self.contiguous = shard.is_contiguous()  # then its memory order is the logical order
         self.bucket: Bucket
         self.main: torch.Tensor  # its fp32 view of the buffer: p.main_grad once published
         self.out: torch.Tensor | None = None  # p.grad of a bf16/fp16 parameter, once finalized
@@ -55,7 +61,15 @@ class Slot:
         self.version = 0  # p.grad._version when published (in-place edits after that are seen)
 
     def view_of(self, flat: torch.Tensor, start: int) -> torch.Tensor:
-        return flat.as_strided(self.param.shape, self.strides, flat.storage_offset() + start)
+        return flat.as_strided(self.shape, self.strides, flat.storage_offset() + start)
+
+    def for_param(self, t: torch.Tensor) -> torch.Tensor:
+        """t as the parameter's grad: for an FSDP2 shard, a DTensor laid out like the parameter."""
+        p = self.param
+        if p is local(p):
+            return t
+        from torch.distributed.tensor import DTensor
+        return DTensor.from_local(t, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
 
     def flat(self, t: torch.Tensor, base: int = 0) -> torch.Tensor:
         """Its range of a flat tensor that starts at buffer index `base`."""
@@ -92,7 +106,7 @@ class Bucket:
         self.offsets: list[int] = []
         self.store: list[bool] = []
         self.pending: list[Slot] = []
-        self.missing = len(self.slots)  # slots without a grad yet: launch at 0
+        self.arrived: set[Slot] = set()  # slots with a grad since the last launch: launch when all have one
 
     def add(self, slot: Slot, grad: torch.Tensor, store: bool, weight: float, stream) -> bool:
         """Queue a grad; launch when the bucket is complete. True if it launched."""
@@ -103,15 +117,22 @@ class Bucket:
         self.offsets.append(slot.start)
         self.store.append(store)
         self.pending.append(slot)
-        self.missing -= 1
-        if self.missing <= 0:
-            self.flush(weight)
-            return True
-        return False
+        return self.arrive(slot, weight)
+
+    def arrive(self, slot: Slot, weight: float) -> bool:
+        """Count the slot's grad, queued or already written into the buffer (fused_linear); launch when
+        every slot has one. True if that completed the bucket."""
+        self.arrived.add(slot)
+        if len(self.arrived) < len(self.slots):
+            return False
+        self.flush(weight)
+        return True
 
     def flush(self, weight: float) -> bool:
-        """Launch the pending grads into the buffer and free them. True if there were any."""
+        """Launch the pending grads into the buffer and free them. True if there were any. Either way the
+        count of arrived slots starts again."""
         if not self.grads:
+            self.arrived.clear()
             return False
         buffer = self.buffer
         _wait_for_producer(self)
@@ -124,8 +145,7 @@ class Bucket:
             for slot, flat in zip(self.pending, self.grads):
                 slot.fused = slot.micro
                 if write:
-                    slot.out = flat if flat.shape == slot.param.shape else \
-                        flat.as_strided(slot.param.shape, slot.strides)
+                    slot.out = flat if flat.shape == slot.shape else flat.as_strided(slot.shape, slot.strides)
         else:
             self.launch(buffer.buf, self.grads, self.offsets, self.store, weight)
         self._clear()

@@ -6,23 +6,35 @@ give a plain object: no gacc hooks, no patched methods, nothing shared with the 
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any
+
+_NONE = object()
 
 
 def set_attr(obj: Any, name: str, value: Any, undo: contextlib.ExitStack) -> None:
-    """obj.name = value on the instance, deleted again when `undo` closes."""
+    """obj.name = value on the instance; when `undo` closes, the instance's own earlier value is back
+    (or none)."""
+    before = vars(obj).get(name, _NONE)
     setattr(obj, name, value)
-    undo.callback(delattr, obj, name)
+    undo.callback(_restore, obj, name, before)
+
+
+def _restore(obj: Any, name: str, before: Any) -> None:
+    if before is _NONE:
+        delattr(obj, name)
+    else:
+        setattr(obj, name, before)
 
 
 def plain_copies(obj: Any, undo: contextlib.ExitStack, attrs: tuple[str, ...] = (),
                  forward_hook: int | None = None) -> None:
     """Copies and pickles of obj leave out the instance attributes `attrs` and the forward hook
-    with that handle id."""
-    base = type(obj).__getstate__
+    with that handle id (on top of what an earlier plain_copies of obj leaves out)."""
+    base = vars(obj).get("__getstate__") or functools.partial(type(obj).__getstate__, obj)
 
     def getstate() -> dict[str, Any]:
-        state = dict(base(obj))
+        state = dict(base())
         for name in ("__getstate__", *attrs):
             state.pop(name, None)
         if forward_hook is not None and forward_hook in state.get("_forward_hooks", {}):

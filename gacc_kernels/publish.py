@@ -11,7 +11,7 @@ import warnings
 
 import torch
 
-from .layout import DeviceBuffer, Slot
+from .layout import DeviceBuffer, Slot, local
 
 
 def publish(buffers: list[DeviceBuffer], slots: list[Slot], written: list[bool]) -> None:
@@ -20,13 +20,13 @@ def publish(buffers: list[DeviceBuffer], slots: list[Slot], written: list[bool])
             continue
         p, buffer = slot.param, slot.buffer
         dtype, begin, _ = buffer.segments[slot.segment]
-        p.main_grad = slot.main
+        p.main_grad = slot.for_param(slot.main)
         if dtype == torch.float32:
-            p.grad = slot.main
+            p.grad = p.main_grad
             continue
         if slot.out is None:  # a view of its segment's cast
             slot.out = slot.view_of(buffer.outs[slot.segment], slot.start - begin)
-        p.grad = slot.out
+        p.grad = slot.for_param(slot.out)
         slot.version = slot.out._version
     for buffer in buffers:
         buffer.last_scale = None
@@ -51,11 +51,11 @@ def mark_current(slots: list[Slot]) -> None:
 def carry_in_place_edits(slots: list[Slot]) -> None:
     """Copy into p.main_grad the bf16/fp16 p.grad that were changed in place after publishing."""
     edited = [s for s in slots if s.out is not None and s.param.grad is not None
-              and (s.param.grad is not s.out or s.out._version != s.version)]
+              and (local(s.param.grad).data_ptr() != s.out.data_ptr() or s.out._version != s.version)]
     if not edited:
         return
     for s in edited:
-        s.out = s.param.grad
+        s.out = local(s.param.grad)
         s.main.copy_(s.out)
         s.version = s.out._version
     warnings.warn(

@@ -30,17 +30,19 @@ class Window:
         self.micro = 0         # micro-steps since attach: the id of the one in progress
         self.done = 0          # micro-steps finished in this window
         self.weight_sum = 0.0  # their total weight
+        self.weights: list[float] = []  # their weights
         self.weight = 1.0      # the weight of the micro-step in progress
         self.fused = -1        # the micro-step whose launches also finalize (the last pass), if armed
         self.context = -1      # backwards finished inside micro_step() (-1: not in one)
         self.closing = False   # the micro-step in progress ends the window (its K-th, or a framework's sync)
         self.broken_at = 0     # the micro-step (1-based in its window) whose backward raised
+        self.broken_why = ""   # or why the ranks could not finish the window
 
     def open(self) -> None:
         """Start a new window (after a step, zero_grad(), or a load)."""
         self.id += 1
         self.state = State.OPEN
-        self.done, self.weight_sum, self.fused = 0, 0.0, -1
+        self.done, self.weight_sum, self.weights, self.fused = 0, 0.0, [], -1
 
     def is_last(self) -> bool:
         """The micro-step in progress is the window's last."""
@@ -51,9 +53,10 @@ class Window:
         self.micro += 1
         self.done += 1
         self.weight_sum += self.weight
+        self.weights.append(self.weight)
         self.weight = 1.0
         closes, self.closing = self.closing or self.done == self.steps, False
         return closes
 
-    def break_(self) -> None:
-        self.state, self.broken_at = State.BROKEN, self.done + 1
+    def break_(self, why: str = "") -> None:
+        self.state, self.broken_at, self.broken_why = State.BROKEN, self.done + 1, why

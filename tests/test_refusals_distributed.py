@@ -1,4 +1,4 @@
-"""Data-parallel wrappers gacc cannot be exact under are refused at attach (one gloo process)."""
+"""Data-parallel setups gacc cannot be exact under are refused at attach (one gloo process)."""
 
 import pytest
 import torch
@@ -39,8 +39,17 @@ def test_fsdp1_is_refused(one_process_group):
     refused(FullyShardedDataParallel(net(), device_id=torch.device("cpu")), "FSDP1")
 
 
-def test_fsdp2_is_refused(one_process_group):
+def test_fsdp2_with_unsharded_parameters_is_refused(one_process_group):
     from torch.distributed.fsdp import fully_shard
     model = net()
-    fully_shard(model)
-    refused(model, "DTensor")
+    fully_shard(model[0])  # not the root: the last Linear's grads would never be reduced
+    refused(model, "must be sharded")
+
+
+def test_dtensor_parameters_outside_fsdp2_are_refused(one_process_group):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+    model = net()
+    mesh = init_device_mesh("cpu", (1,))
+    model[0].weight = torch.nn.Parameter(distribute_tensor(model[0].weight.detach(), mesh, [Replicate()]))
+    refused(model, "outside FSDP2")

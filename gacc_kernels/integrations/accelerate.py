@@ -12,6 +12,9 @@ What it translates (Accelerate 1.x):
   a backward gives the token-weighted mean.
 - It attaches to the prepared model (the DDP wrapper under multi-GPU) and the torch optimizer inside
   the AcceleratedOptimizer, with Accelerate's GradScaler for fp16.
+- `accelerator.clip_grad_norm_` over the model's parameters becomes gacc's fp32 clip of p.grad and
+  p.main_grad together, with the norm from the fused pass (else a bf16 p.grad clipped in place would
+  have to be copied back into p.main_grad).
 Refused: DeepSpeed, FSDP, Megatron-LM and XLA (they accumulate or reduce gradients themselves).
 """
 from __future__ import annotations
@@ -37,5 +40,18 @@ def attach(accelerator, model: torch.nn.Module, optimizer, **kwargs) -> GradAccu
         raise RuntimeError(f"gacc does not run under Accelerate's {accelerator.distributed_type}: it accumulates "
                            "or reduces gradients itself")
     k = accelerator.gradient_accumulation_steps
-    return attach_core(model, unwrap_optimizer(optimizer), steps=k, scaler=accelerator.scaler, loss_scale=1.0 / k,
-                       window_end=lambda: accelerator.sync_gradients, **kwargs)
+    acc = attach_core(model, unwrap_optimizer(optimizer), steps=k, scaler=accelerator.scaler, loss_scale=1.0 / k,
+                      window_end=lambda: accelerator.sync_gradients, **kwargs)
+    clip_through(acc, accelerator)
+    return acc
+
+
+def clip_through(acc: GradAccumulator, accelerator) -> None:
+    """accelerator.clip_grad_norm_ clips through gacc where it can (GradAccumulator.clip_for)."""
+    original = accelerator.clip_grad_norm_
+
+    def clip_grad_norm_(parameters, max_norm, norm_type=2):
+        params = list(parameters)
+        norm = acc.clip_for(params, max_norm, norm_type)
+        return original(params, max_norm, norm_type) if norm is None else norm
+    acc.set_while_attached(accelerator, "clip_grad_norm_", clip_grad_norm_)

@@ -11,6 +11,7 @@ What the callback translates (Lightning 2.x, automatic optimization):
   A short window is finished in on_after_backward, so p.grad is final before on_before_optimizer_step
   and Lightning's gradient clipping.
 - With precision="16-mixed", Lightning's GradScaler is handed to gacc (unscale and inf check fused).
+- Clipping by norm (`gradient_clip_val`) is gacc's fp32 clip of p.grad and p.main_grad together.
 - The window in progress is saved with the checkpoint (the callback's state) and restored at fit start.
 Refused: manual optimization, several optimizers, strategies that accumulate themselves (DeepSpeed),
 and a checkpoint taken mid-window on more than one process (each rank's partial sums differ).
@@ -41,9 +42,16 @@ class GaccCallback(pl.Callback):
             raise RuntimeError(f"the {type(trainer.strategy).__name__} strategy accumulates gradients itself; "
                                "remove GaccCallback")
         k = trainer.accumulate_grad_batches
-        self.acc = attach(trainer.strategy.model, trainer.optimizers[0], steps=k,
-                          scaler=getattr(trainer.precision_plugin, "scaler", None), loss_scale=1.0 / k,
-                          bucket_bytes=self.bucket_bytes)
+        acc = self.acc = attach(trainer.strategy.model, trainer.optimizers[0], steps=k,
+                                scaler=getattr(trainer.precision_plugin, "scaler", None), loss_scale=1.0 / k,
+                                bucket_bytes=self.bucket_bytes)
+        precision = trainer.precision_plugin
+        original = precision.clip_grad_by_norm
+
+        def clip_grad_by_norm(optimizer, clip_val):
+            if acc.clip_for([p for g in optimizer.param_groups for p in g["params"]], clip_val) is None:
+                original(optimizer, clip_val)
+        acc.set_while_attached(precision, "clip_grad_by_norm", clip_grad_by_norm)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._attach(trainer, pl_module)

@@ -10,7 +10,8 @@ What it translates (transformers 5.x):
   sums (reduction="sum"), so the optimizer sees the Trainer's own large-batch gradient, accumulated in
   fp32.
 - It attaches at on_train_begin to the model and the torch optimizer inside the AcceleratedOptimizer
-  (with its GradScaler for fp16), and removes itself at on_train_end.
+  (with its GradScaler for fp16), and removes itself at on_train_end. The Trainer's clip and grad_norm
+  (`accelerator.clip_grad_norm_`) go through gacc's fp32 clip.
 - The Trainer saves checkpoints only at optimizer steps, so there is no window state to save.
 - Under DDP gacc takes over the reducer's job on the DDP wrapper (`trainer.model_wrapped`, which only
   the trainer knows) and sums the ranks; the Trainer's losses are scaled for DDP's average, so the sum is
@@ -24,7 +25,7 @@ from accelerate.state import GradientState
 from transformers import TrainerCallback
 
 from ..accumulator import GradAccumulator, attach
-from .accelerate import unwrap_optimizer
+from .accelerate import clip_through, unwrap_optimizer
 
 
 class GaccCallback(TrainerCallback):
@@ -49,6 +50,8 @@ class GaccCallback(TrainerCallback):
                           scaler=getattr(optimizer, "scaler", None), reduction="sum",
                           loss_scale=float(args.world_size), window_end=lambda: sync.sync_gradients,
                           bucket_bytes=self.bucket_bytes)
+        if self.trainer is not None:
+            clip_through(self.acc, self.trainer.accelerator)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.acc is not None:
