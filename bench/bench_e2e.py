@@ -2,7 +2,9 @@
 
 Times forward + backward + gradient handling per optimizer step (the optimizer update itself is the
 same for every variant and left out), peak memory, and the error of the gradient the optimizer gets
-against a float64 accumulation of the same micro-step gradients. Variants as in bench_hooks.py.
+against a float64 accumulation of the same micro-step gradients. Variants as in bench_hooks.py, and
+gacc-fused: attach(..., fuse_linear=True), whose linear weight grads never take the bf16 rounding that
+the reference (a sum of bf16 grads) holds, so its error columns show that rounding, not gacc's.
 
     python bench/bench_e2e.py [--out bench/results] [--layers 16]
 """
@@ -59,8 +61,8 @@ def run(model, data, variant, keep_grads):
     params = list(model.parameters())
     opt = torch.optim.SGD(params, lr=0.0)
     helper = acc = None
-    if variant == "gacc":
-        acc = gacc_kernels.attach(model, opt, steps=K)
+    if variant in ("gacc", "gacc-fused"):
+        acc = gacc_kernels.attach(model, opt, steps=K, fuse_linear=variant == "gacc-fused")
     elif variant == "b-grad_dtype":
         for p in params:
             p.grad_dtype = torch.float32
@@ -90,7 +92,7 @@ def run(model, data, variant, keep_grads):
         backwards()  # one more window, kept, for the error
         if variant == "c-megatron":
             torch._amp_foreach_non_finite_check_and_unscale_(helper.main, helper.found_inf, helper.inv_scale)
-        if variant == "gacc":
+        if variant in ("gacc", "gacc-fused"):
             grads = [p.main_grad for p in params]
         elif variant in ("c-megatron", "d-naive"):
             grads = helper.main
@@ -124,7 +126,7 @@ def main() -> None:
     ref_list = [ref[p] for p in model.parameters()]
     ref_norm = torch.sqrt(sum((r * r).sum() for r in ref_list))
     del ref
-    variants = ["gacc", "a-bf16", "b-grad_dtype", "c-megatron", "d-naive"]
+    variants = ["gacc", "gacc-fused", "a-bf16", "b-grad_dtype", "c-megatron", "d-naive"]
     times = {v: [] for v in variants}
     peaks = dict.fromkeys(variants, 0.0)
     errors = {}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces bench/results on a CUDA machine where gacc_kernels is installed (pip install
 # --no-build-isolation -e .): the GPU test run, the kernel, hook-path and end-to-end benchmarks,
-# and the demo, each stamped with device, versions and date.
+# the frameworks' fine-tuning runs and the demo, each stamped with device, versions and date.
 #   bash bench/run.sh [OUT_DIR]     (default: bench/results/<today>)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -14,6 +14,8 @@ cd "$root/bench"
 python3 bench_kernels.py --out "$out"
 python3 bench_hooks.py --out "$out" --bucket-sweep
 python3 bench_e2e.py --out "$out"
+python3 bench_frameworks.py --out "$out"  # HF Trainer, Accelerate, Lightning: stock vs gacc vs fp32
+# torchrun --nproc-per-node=2 bench_dist.py --out "$out"  # several GPUs: DDP, FSDP2 vs gacc (N=1: a dry run)
 python3 demo.py > "$out/demo.txt"
 python3 plot_results.py "$out"  # hooks.png and e2e.png from the tables (needs matplotlib)
 echo "results in $out"
