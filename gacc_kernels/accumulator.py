@@ -85,6 +85,9 @@ def _check_wrapper(model: torch.nn.Module) -> None:
         raise ValueError("gacc does not support DistributedDataParallel(static_graph=True): DDP's reducer then "
                          "expects its own per-backward hooks, which gacc turns off; build DDP without static_graph")
     for m in model.modules():
+        if type(m).__name__ == "DeepSpeedEngine":
+            raise ValueError("gacc does not run under the DeepSpeed engine: it accumulates, reduces and scales "
+                             "gradients itself (gradient_accumulation_steps in its config); use one or the other")
         if type(m).__name__ == "FullyShardedDataParallel":
             raise ValueError("gacc does not support FSDP1 (FullyShardedDataParallel): it reduce-scatters and "
                              "shards the grads before any hook of gacc's could see them; use FSDP2 "

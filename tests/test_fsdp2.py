@@ -24,15 +24,17 @@ def data_of(rank, window):
 
 
 def _train(rank, results):
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    mesh = init_device_mesh("cpu", (WORLD,))  # not the GPU fully_shard would pick where there is one
     torch.manual_seed(0)
     model = net()
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer)
-    fully_shard(model)
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
     acc = gacc_kernels.attach(model, opt, steps=K, scaler=scaler)

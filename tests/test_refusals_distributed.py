@@ -53,3 +53,12 @@ def test_dtensor_parameters_outside_fsdp2_are_refused(one_process_group):
     mesh = init_device_mesh("cpu", (1,))
     model[0].weight = torch.nn.Parameter(distribute_tensor(model[0].weight.detach(), mesh, [Replicate()]))
     refused(model, "outside FSDP2")
+
+
+def test_deepspeed_engine_is_refused():
+    class DeepSpeedEngine(torch.nn.Module):  # what attach() sees of one: a module of that type name
+        def __init__(self):
+            super().__init__()
+            self.module = net()
+
+    refused(DeepSpeedEngine(), "DeepSpeed engine")
