@@ -73,9 +73,10 @@ def _check_attachable(model, optimizer, steps, reduction) -> list[torch.nn.Param
         raise ValueError(f"{len(meta)} parameters are on the meta device ({meta[0]}, ...): materialize the "
                          "model first (model.to_empty(device=...) and load or initialize the weights), then attach()")
     managed = {id(p) for p in params}
-    if any(id(p) not in managed for group in optimizer.param_groups for p in group["params"]):
-        raise ValueError("the optimizer holds a parameter that is not a trainable parameter of the model; "
-                         "attach() manages the model's parameters only")
+    frozen = {id(p) for p in model.parameters() if not p.requires_grad}  # never get a grad (LoRA's base)
+    if any(id(p) not in managed and id(p) not in frozen for group in optimizer.param_groups for p in group["params"]):
+        raise ValueError("the optimizer holds a parameter that is not a parameter of the model; attach() "
+                         "manages the model's parameters only")
     return params
 
 

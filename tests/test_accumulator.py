@@ -440,6 +440,39 @@ def test_parameters_added_after_attach_are_refused():
     assert acc.window.state is State.FINISHED
 
 
+def test_frozen_parameters_in_the_optimizer_are_left_alone():
+    """LoRA loops often hand the optimizer every parameter, frozen ones too: they get no grad and no
+    slot, and unfreezing one later is refused at the step (its grads would bypass gacc)."""
+    model = make("mlp", torch.float32, "cpu")
+    expected = weighted_mean(micro_grads(model, "mlp", batches("mlp", 2, "cpu")))  # fc1 still trainable here
+    model.fc1.requires_grad_(False)
+    frozen = [p.detach().clone() for p in model.fc1.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = gacc_kernels.attach(model, opt, steps=2)
+    for x, y in batches("mlp", 2, "cpu"):
+        loss_fn("mlp", model, x, y).backward()
+    for p, e in zip(model.parameters(), expected):
+        if not p.requires_grad:
+            assert p.grad is None
+            continue
+        torch.testing.assert_close(p.grad.double(), e, rtol=1e-5, atol=1e-7)
+    opt.step()
+    assert all(torch.equal(p, f) for p, f in zip(model.fc1.parameters(), frozen))
+    opt.zero_grad()
+    model.fc1.requires_grad_(True)
+    loss_fn("mlp", model, *batches("mlp", 1, "cpu")[0]).backward()
+    with pytest.raises(RuntimeError, match="added after attach"):
+        opt.step()
+    acc.remove()
+
+
+def test_an_optimizer_with_a_foreign_parameter_is_refused():
+    model = make("mlp", torch.float32, "cpu")
+    with pytest.raises(ValueError, match="not a parameter of the model"):
+        gacc_kernels.attach(model, torch.optim.SGD([*model.parameters(), torch.nn.Parameter(torch.ones(2))], lr=0.1),
+                            steps=2)
+
+
 def test_bad_weights_are_refused():
     model = make("mlp", torch.float32, "cpu")
     acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2)

@@ -114,3 +114,164 @@ def test_a_mid_window_save_state_resumes_bit_for_bit(tmp_path):
     resumed = run(copy.deepcopy(net), 5, 9, load=path)
     for p, q in zip(resumed.parameters(), whole.parameters()):
         assert torch.equal(p, q)
+
+
+# -- a tiny Llama on variable-length, padded sequences (as in test_integration_transformers.py) ------------
+
+SEQS, SEQ, VOCAB, SEQ_MICRO = 10, 12, 97, 2  # 5 micro-batches of 2 sequences: K=3 and K=4 end each epoch short
+
+
+def tiny_llama(lora=False, checkpointing=False):
+    """A 2-layer LlamaForCausalLM (hidden 64) from a config; with LoRA on q_proj/v_proj only the adapters train."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                      max_position_embeddings=SEQ)
+    model = transformers.LlamaForCausalLM(config)
+    if checkpointing:
+        model.activation_checkpointing_enable({"use_reentrant": False})  # gradient_checkpointing_enable in 4.x
+    if lora:
+        peft = pytest.importorskip("peft")
+        torch.manual_seed(1)
+        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+        model = peft.get_peft_model(model, config)
+        for name, p in model.named_parameters():  # LoRA's B starts at 0: make its grads and steps non-trivial
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02)
+    return model
+
+
+def sequences():
+    """Random token sequences of lengths 3..SEQ, padded to SEQ; pads are masked and labelled -100."""
+    g = torch.Generator().manual_seed(5)
+    items = []
+    for _ in range(SEQS):
+        n = int(torch.randint(3, SEQ + 1, (1,), generator=g))
+        ids = torch.zeros(SEQ, dtype=torch.long)
+        ids[:n] = torch.randint(1, VOCAB, (n,), generator=g)
+        mask = (torch.arange(SEQ) < n).long()
+        items.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
+    return items
+
+
+def tokens(b):
+    return int((b["labels"][:, 1:] != -100).sum())  # the label tokens the model's loss averages
+
+
+def train_llama(model, k, batch, use_gacc, weigh=True, clip=None, mixed_precision="no", epochs=2, recipe=False):
+    """The grads the optimizer stepped on (its step pre-hook, after the clip) at each step, and the trained model.
+
+    The loss is the model's own, the mean over the micro-batch's label tokens (their count differs from
+    micro-batch to micro-batch); with gacc, acc.set_weight(that count) makes each window's gradient the
+    mean over the window's tokens, which is the large-batch run's loss. recipe=True: Accelerate's own
+    recipe instead, each micro-batch's summed loss times K over its window's token count, and gacc
+    attached with reduction="sum"."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    accelerator = Accelerator(gradient_accumulation_steps=k, cpu=True, mixed_precision=mixed_precision)
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    loader = torch.utils.data.DataLoader(sequences(), batch_size=batch, shuffle=False)
+    prepared, opt, loader = accelerator.prepare(model, opt, loader)
+    acc = gacc_accelerate.attach(accelerator, prepared, opt, reduction="sum" if recipe else "mean") \
+        if use_gacc else None
+    batches = list(loader)  # the window token counts of the recipe, epoch by epoch (each ends its window)
+    window_tokens = [sum(tokens(c) for c in batches[i - i % k: i - i % k + k]) for i in range(len(batches))]
+    seen = []
+    gacc_accelerate.unwrap_optimizer(opt).register_step_pre_hook(  # after gacc's: what the step uses
+        lambda o, args, kwargs: seen.append([p.grad.detach().double().clone()
+                                             for g in o.param_groups for p in g["params"]]))
+    for _ in range(epochs):
+        for i, b in enumerate(loader):
+            with accelerator.accumulate(prepared):
+                loss = prepared(**b).loss
+                if recipe:
+                    loss = loss * tokens(b) * k / window_tokens[i]
+                elif acc is not None and weigh:
+                    acc.set_weight(tokens(b))
+                accelerator.backward(loss)
+                if clip and accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(prepared.parameters(), clip)  # frozen ones (LoRA) included
+                opt.step()
+                opt.zero_grad()
+    if acc is not None:
+        acc.remove()
+    return seen, model
+
+
+def assert_same_llama_run(run, big, steps):
+    """Every step's grads and the final parameters equal the large-batch run's, to fp32 rounding."""
+    (seen, trained), (seen_big, big) = run, big
+    assert len(seen) == len(seen_big) == steps
+    for step, (a, b) in enumerate(zip(seen, seen_big)):
+        assert len(a) == len(b) > 0
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=2e-5, atol=2e-5 * y.abs().max().item(), msg=f"step {step}")
+    for (name, p), q in zip(trained.named_parameters(), big.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("k", [1, 3, 4])
+def test_accelerate_llama_with_padded_sequences_matches_its_large_batch_run(k):
+    """Token counts differ per micro-batch: weighted by them, the windows give the large batch's token mean."""
+    model = tiny_llama()
+    run = train_llama(copy.deepcopy(model), k, SEQ_MICRO, True)
+    big = train_llama(copy.deepcopy(model), 1, SEQ_MICRO * k, False)
+    assert_same_llama_run(run, big, 2 * -(-SEQS // (SEQ_MICRO * k)))
+
+
+@pytest.mark.parametrize("k", [3, 4])
+def test_accelerate_recipe_for_variable_sizes_with_reduction_sum(k):
+    """Accelerate's recipe normalises each loss for its window itself; with reduction="sum" gacc adds what
+    accelerator.backward gives, in fp32: the large batch's token mean, short windows included."""
+    model = tiny_llama()
+    run = train_llama(copy.deepcopy(model), k, SEQ_MICRO, True, recipe=True)
+    big = train_llama(copy.deepcopy(model), 1, SEQ_MICRO * k, False)
+    assert_same_llama_run(run, big, 2 * -(-SEQS // (SEQ_MICRO * k)))
+
+
+def test_accelerate_llama_without_token_weights_is_not_the_large_batch_run():
+    """The comparison above can fail: unweighted, the window's grad is the mean of the micro-batch means."""
+    model = tiny_llama()
+    run = train_llama(copy.deepcopy(model), 3, SEQ_MICRO, True, weigh=False)
+    big = train_llama(copy.deepcopy(model), 1, SEQ_MICRO * 3, False)
+    assert len(run[0]) == len(big[0]) == 4
+    with pytest.raises(AssertionError, match="step 0"):  # the grads of the first step differ
+        assert_same_llama_run(run, big, 4)
+
+
+def test_accelerate_llama_lora_with_gradient_checkpointing():
+    """PEFT LoRA (only the adapters train) and non-reentrant gradient checkpointing, K=3; the clip at 0.2 is
+    active at every step (the adapters' grad norm is about 0.32)."""
+    model = tiny_llama(lora=True, checkpointing=True)
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+    frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
+    gacc_model = copy.deepcopy(model)
+    mlp = next(m for m in gacc_model.modules() if type(m).__name__ == "LlamaMLP")  # inside a checkpointed layer
+    calls = []
+    mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+    run = train_llama(gacc_model, 3, SEQ_MICRO, True, clip=0.2)
+    assert len(calls) == 2 * 2 * (SEQS // SEQ_MICRO)  # 2 epochs x 5 micro-batches x (forward, recompute)
+    big = train_llama(copy.deepcopy(model), 1, SEQ_MICRO * 3, False, clip=0.2)
+    assert_same_llama_run(run, big, 4)
+    assert all(len(step) == len(trainable) for step in run[0])
+    for name, p in run[1].named_parameters():
+        if name in frozen:
+            assert torch.equal(p, frozen[name]), name
+
+
+def test_accelerate_llama_bf16_autocast():
+    """mixed_precision="bf16" (autocast on the CPU, fp32 parameters), K=4: the same steps as the large-batch
+    run, to the bf16 rounding of the forward."""
+    model = tiny_llama()
+    seen, trained = train_llama(copy.deepcopy(model), 4, SEQ_MICRO, True, mixed_precision="bf16")
+    seen_big, big = train_llama(copy.deepcopy(model), 1, SEQ_MICRO * 4, False, mixed_precision="bf16")
+    assert len(seen) == len(seen_big) == 4
+    for step, (a, b) in enumerate(zip(seen, seen_big)):
+        err = max((x - y).abs().max().item() for x, y in zip(a, b))
+        scale = max(y.abs().max().item() for y in b)
+        assert err <= 2e-2 * scale, f"step {step}: gacc is {err} from the large-batch grads (largest {scale})"
+    for p, q in zip(trained.parameters(), big.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-2, atol=1e-3)

@@ -182,3 +182,127 @@ def test_lightning_fp16_with_a_grad_scaler():
         assert err <= 1e-2 * max(y.abs().max().item() for y in b)
     for p, q in zip(gacc.parameters(), big.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-2, atol=1e-3)
+
+
+# -- a tiny Llama on variable-length, padded sequences (as in test_integration_transformers.py) ------------
+
+SEQS, SEQ, VOCAB, SEQ_MICRO = 10, 12, 97, 2  # 5 micro-batches of 2 sequences: K=3 and K=4 end each epoch short
+
+
+def tiny_llama(lora=False, checkpointing=False):
+    """A 2-layer LlamaForCausalLM (hidden 64) from a config; with LoRA on q_proj/v_proj only the adapters train."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                      max_position_embeddings=SEQ)
+    model = transformers.LlamaForCausalLM(config)
+    if checkpointing:
+        model.activation_checkpointing_enable({"use_reentrant": False})  # gradient_checkpointing_enable in 4.x
+    if lora:
+        peft = pytest.importorskip("peft")
+        torch.manual_seed(1)
+        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+        model = peft.get_peft_model(model, config)
+        for name, p in model.named_parameters():  # LoRA's B starts at 0: make its grads and steps non-trivial
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02)
+    return model
+
+
+def sequences():
+    """Random token sequences of lengths 3..SEQ, padded to SEQ; pads are masked and labelled -100."""
+    g = torch.Generator().manual_seed(5)
+    items = []
+    for _ in range(SEQS):
+        n = int(torch.randint(3, SEQ + 1, (1,), generator=g))
+        ids = torch.zeros(SEQ, dtype=torch.long)
+        ids[:n] = torch.randint(1, VOCAB, (n,), generator=g)
+        mask = (torch.arange(SEQ) < n).long()
+        items.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
+    return items
+
+
+class CausalLM(pl.LightningModule):
+    """The model's own loss: the mean over the micro-batch's label tokens, whose count differs from micro-batch
+    to micro-batch. With gacc the step weighs the micro-batch by that count (GaccCallback.set_weight), so
+    each window's gradient is the mean over the window's tokens, which is the large-batch run's loss."""
+
+    def __init__(self, model: torch.nn.Module, gacc: GaccCallback | None = None):
+        super().__init__()
+        self.model, self.gacc = model, gacc
+        self.seen: list[list[torch.Tensor]] = []  # the grads each step uses (after Lightning's clip)
+
+    def training_step(self, batch, batch_idx):
+        if self.gacc is not None:
+            self.gacc.set_weight(int((batch["labels"][:, 1:] != -100).sum()))  # the tokens the loss averages
+        return self.model(**batch).loss
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        self.seen.append([p.grad.detach().double().clone() for g in optimizer.param_groups for p in g["params"]])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+
+
+def fit_llama(model, k, batch, use_gacc, weigh=True, clip=None):
+    gacc = GaccCallback() if use_gacc else None
+    module = CausalLM(model, gacc if weigh else None)
+    data = torch.utils.data.DataLoader(sequences(), batch_size=batch, shuffle=False)
+    trainer = pl.Trainer(max_epochs=2, accumulate_grad_batches=k, callbacks=[gacc] if use_gacc else [],
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu", devices=1, gradient_clip_val=clip)
+    trainer.fit(module, data)
+    return module
+
+
+def assert_same_llama_run(a: CausalLM, b: CausalLM, steps: int):
+    """Every step's grads and the final parameters equal the large-batch run's, to fp32 rounding."""
+    assert len(a.seen) == len(b.seen) == steps
+    for step, (ga, gb) in enumerate(zip(a.seen, b.seen)):
+        assert len(ga) == len(gb) > 0
+        for x, y in zip(ga, gb):
+            torch.testing.assert_close(x, y, rtol=2e-5, atol=2e-5 * y.abs().max().item(), msg=f"step {step}")
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("k", [1, 3, 4])
+def test_lightning_llama_with_padded_sequences_matches_its_large_batch_run(k):
+    """Token counts differ per micro-batch: weighted by them, the windows give the large batch's token mean."""
+    model = tiny_llama()
+    run = fit_llama(copy.deepcopy(model), k, SEQ_MICRO, True)
+    big = fit_llama(copy.deepcopy(model), 1, SEQ_MICRO * k, False)
+    assert_same_llama_run(run, big, 2 * -(-SEQS // (SEQ_MICRO * k)))
+
+
+def test_lightning_llama_without_token_weights_is_not_the_large_batch_run():
+    """The comparison above can fail: unweighted, the window's grad is the mean of the micro-batch means."""
+    model = tiny_llama()
+    run = fit_llama(copy.deepcopy(model), 3, SEQ_MICRO, True, weigh=False)
+    big = fit_llama(copy.deepcopy(model), 1, SEQ_MICRO * 3, False)
+    assert len(run.seen) == len(big.seen) == 4
+    with pytest.raises(AssertionError, match="step 0"):  # the grads of the first step differ
+        assert_same_llama_run(run, big, 4)
+
+
+def test_lightning_llama_lora_with_gradient_checkpointing():
+    """PEFT LoRA (only the adapters train) and non-reentrant gradient checkpointing, K=3; the clip at 0.2 is
+    active at every step (the adapters' grad norm is about 0.32)."""
+    model = tiny_llama(lora=True, checkpointing=True)
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+    frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
+    gacc_model = copy.deepcopy(model)
+    mlp = next(m for m in gacc_model.modules() if type(m).__name__ == "LlamaMLP")  # inside a checkpointed layer
+    calls = []
+    mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+    run = fit_llama(gacc_model, 3, SEQ_MICRO, True, clip=0.2)
+    assert len(calls) == 2 * 2 * (SEQS // SEQ_MICRO)  # 2 epochs x 5 micro-batches x (forward, recompute)
+    big = fit_llama(copy.deepcopy(model), 1, SEQ_MICRO * 3, False, clip=0.2)
+    assert_same_llama_run(run, big, 4)
+    assert all(len(step) == len(trainable) for step in run.seen)
+    for name, p in run.model.named_parameters():
+        if name in frozen:
+            assert torch.equal(p, frozen[name]), name

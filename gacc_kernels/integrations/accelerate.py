@@ -10,6 +10,9 @@ What it translates (Accelerate 1.x):
   steps on (r/K) times the mean. gacc undoes the 1/K (loss_scale): the optimizer sees the mean over the
   micro-batches actually run, as one K-times larger batch would give. `acc.set_weight(n_tokens)` before
   a backward gives the token-weighted mean.
+- A loop whose losses are already normalised for the whole window (Accelerate's recipe for variable
+  sizes: each micro-batch's summed loss times K over the window's token count) attaches with
+  reduction="sum": gacc then sums what accelerator.backward gives, as stock Accelerate does, in fp32.
 - It attaches to the prepared model (the DDP wrapper under multi-GPU) and the torch optimizer inside
   the AcceleratedOptimizer, with Accelerate's GradScaler for fp16.
 - `accelerator.clip_grad_norm_` over the model's parameters becomes gacc's fp32 clip of p.grad and
@@ -35,12 +38,13 @@ def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
     return optimizer
 
 
-def attach(accelerator, model: torch.nn.Module, optimizer, **kwargs) -> GradAccumulator:
+def attach(accelerator, model: torch.nn.Module, optimizer, reduction: str = "mean", **kwargs) -> GradAccumulator:
     if any(accelerator.distributed_type == getattr(DistributedType, name, None) for name in _OWN_ACCUMULATION):
         raise RuntimeError(f"gacc does not run under Accelerate's {accelerator.distributed_type}: it accumulates "
                            "or reduces gradients itself")
     k = accelerator.gradient_accumulation_steps
-    acc = attach_core(model, unwrap_optimizer(optimizer), steps=k, scaler=accelerator.scaler, loss_scale=1.0 / k,
+    kwargs.setdefault("loss_scale", 1.0 / k if reduction == "mean" else 1.0)  # "sum": the loop's K/K cancels
+    acc = attach_core(model, unwrap_optimizer(optimizer), steps=k, scaler=accelerator.scaler, reduction=reduction,
                       window_end=lambda: accelerator.sync_gradients, **kwargs)
     clip_through(acc, accelerator)
     return acc

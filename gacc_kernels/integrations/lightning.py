@@ -53,6 +53,13 @@ class GaccCallback(pl.Callback):
                 original(optimizer, clip_val)
         acc.set_while_attached(precision, "clip_grad_by_norm", clip_grad_by_norm)
 
+    def set_weight(self, weight: float) -> None:
+        """The weight of the micro-step in progress (its token count, say), from training_step: the
+        optimizer then sees the weighted mean over the window, sum(w g) / sum(w)."""
+        if self.acc is None:
+            raise RuntimeError("GaccCallback.set_weight() before fit started: call it from training_step")
+        self.acc.set_weight(weight)
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._attach(trainer, pl_module)
         if self._restore is not None:
