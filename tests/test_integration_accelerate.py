@@ -130,7 +130,11 @@ def tiny_llama(lora=False, checkpointing=False):
                                       max_position_embeddings=SEQ)
     model = transformers.LlamaForCausalLM(config)
     if checkpointing:
-        model.activation_checkpointing_enable({"use_reentrant": False})  # gradient_checkpointing_enable in 4.x
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.23
+        if enable is not None:
+            enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora:
         peft = pytest.importorskip("peft")
         torch.manual_seed(1)
