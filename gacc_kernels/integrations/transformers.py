@@ -10,8 +10,8 @@ What it translates (transformers 5.x):
   sums (reduction="sum"), so the optimizer sees the Trainer's own large-batch gradient, accumulated in
   fp32.
 - It attaches at on_train_begin to the model and the torch optimizer inside the AcceleratedOptimizer
-  (with its GradScaler for fp16), and removes itself at on_train_end. The Trainer's clip and grad_norm
-  (`accelerator.clip_grad_norm_`) go through gacc's fp32 clip.
+  (with its GradScaler for fp16), and removes itself at on_train_end. Given the trainer, the Trainer's
+  clip and grad_norm (`accelerator.clip_grad_norm_`) go through gacc's fp32 clip.
 - The Trainer saves checkpoints only at optimizer steps, so there is no window state to save.
 - Under DDP gacc takes over the reducer's job on the DDP wrapper (`trainer.model_wrapped`, which only
   the trainer knows) and sums the ranks; the Trainer's losses are scaled for DDP's average, so the sum is
