@@ -5,6 +5,9 @@ import copy
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+SLEEP_CYCLES = 50_000_000  # torch.cuda._sleep: tens of milliseconds of one stream kept busy
 
 
 class MLP(torch.nn.Module):
@@ -39,6 +42,34 @@ class TinyLM(torch.nn.Module):
         for block in self.blocks:
             h = block(h, src_mask=mask, is_causal=True)
         return self.head(self.norm(h))
+
+
+class Checkpointed(torch.nn.Module):
+    """`shared` is used three times per micro-step, twice inside an activation checkpoint: with
+    use_reentrant=True its hook fires once per use."""
+
+    def __init__(self, reentrant: bool, hidden: int = 8):
+        super().__init__()
+        self.inner = torch.nn.Sequential(torch.nn.Linear(8, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 8))
+        self.shared = torch.nn.Linear(8, 8)
+        self.reentrant = reentrant
+
+    def forward(self, x):
+        h = checkpoint(lambda t: self.shared(self.inner(self.shared(t))), x, use_reentrant=self.reentrant)
+        return self.shared(h)
+
+
+class SlowBackward(torch.autograd.Function):
+    """The identity; its backward keeps the stream it runs on (its forward's) busy first."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        torch.cuda._sleep(SLEEP_CYCLES)
+        return grad
 
 
 def make(kind: str, dtype: torch.dtype, device: str, **kw) -> torch.nn.Module:

@@ -7,7 +7,7 @@ from torch.utils.checkpoint import checkpoint
 
 import gacc_kernels
 from gacc_kernels.window import State
-from models import batches, loss_fn, make, micro_grads, weighted_mean
+from models import Checkpointed, batches, loss_fn, make, micro_grads, weighted_mean
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -268,18 +268,6 @@ def test_remove_restores_stock_behaviour_and_attach_works_again(device):
     acc = gacc_kernels.attach(model, opt, steps=2)
     run_window(model, acc, "mlp", data)
     assert all(p.grad is not None for p in model.parameters())
-
-
-class Checkpointed(torch.nn.Module):
-    def __init__(self, reentrant):
-        super().__init__()
-        self.inner = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8))
-        self.shared = torch.nn.Linear(8, 8)
-        self.reentrant = reentrant
-
-    def forward(self, x):
-        h = checkpoint(lambda t: self.shared(self.inner(self.shared(t))), x, use_reentrant=self.reentrant)
-        return self.shared(h)
 
 
 @pytest.mark.parametrize("device", DEVICES)

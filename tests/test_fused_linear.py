@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 import gacc_kernels
 from gacc_kernels import fused_linear
 from gacc_kernels.window import State
-from models import TinyLM, batches, loss_fn
+from models import SLEEP_CYCLES, Checkpointed, SlowBackward, TinyLM, batches, loss_fn
 from spawn import spawn
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -272,24 +272,12 @@ def test_hook_grad_then_fused_write_in_one_micro_step(device):
         opt.zero_grad()
 
 
-class Checkpointed(torch.nn.Module):
-    def __init__(self, reentrant):
-        super().__init__()
-        self.inner = torch.nn.Sequential(torch.nn.Linear(8, 24), torch.nn.Tanh(), torch.nn.Linear(24, 8))
-        self.shared = torch.nn.Linear(8, 8)
-        self.reentrant = reentrant
-
-    def forward(self, x):
-        h = checkpoint(lambda t: self.shared(self.inner(self.shared(t))), x, use_reentrant=self.reentrant)
-        return self.shared(h)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_activation_checkpointing(device, reentrant):
     """`shared` is used three times per micro-step: three fused writes into one slot, stored then added."""
     torch.manual_seed(0)
-    model = Checkpointed(reentrant).to(device, torch.bfloat16)
+    model = Checkpointed(reentrant, hidden=24).to(device, torch.bfloat16)
     xs = [torch.randn(4, 7, 8, device=device, dtype=torch.bfloat16, requires_grad=reentrant) for _ in range(3)]
     stock = stock_mean(model, lambda m, x: m(x).float().square().mean(), [(x,) for x in xs], [1.0] * 3)
     obs = Observed(model)
@@ -442,19 +430,6 @@ def test_a_bucket_is_ready_once_when_every_slot_has_its_grad(device, monkeypatch
     assert ready == [bucket, bucket]
 
 
-class SlowBackward(torch.autograd.Function):
-    """The identity; its backward keeps its stream busy first."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        torch.cuda._sleep(50_000_000)
-        return grad
-
-
 class SideStreamStack(torch.nn.Module):
     """fc2 runs on the side stream, after a sleep there: its backward, the fused GEMM into its slot
     included, runs late on a stream that is not the one backward() was called on."""
@@ -470,7 +445,7 @@ class SideStreamStack(torch.nn.Module):
         side.wait_stream(torch.cuda.current_stream())
         h.record_stream(side)
         with torch.cuda.stream(side):
-            torch.cuda._sleep(50_000_000)
+            torch.cuda._sleep(SLEEP_CYCLES)
             h = SlowBackward.apply(F.gelu(self.fc2(h)))
         torch.cuda.current_stream().wait_stream(side)
         h.record_stream(torch.cuda.current_stream())

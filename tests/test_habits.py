@@ -10,10 +10,9 @@ import torch
 import torch.nn.functional as F
 
 import gacc_kernels
-from models import MLP, batches, loss_fn, make, micro_grads, weighted_mean
+from models import MLP, SLEEP_CYCLES, SlowBackward, batches, loss_fn, make, micro_grads, weighted_mean
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
-SLEEP_CYCLES = 50_000_000  # torch.cuda._sleep: tens of milliseconds of one stream kept busy
 
 
 def stock_grads(model, loss_of, data):
@@ -382,19 +381,6 @@ def test_micro_steps_on_a_side_stream(dtype):
     opt.step()  # on the default stream
     for p, b, g in zip(model.parameters(), before, grads):
         torch.testing.assert_close(p, (b.float() - lr * g.float()).to(dtype), rtol=0, atol=1e-6)
-
-
-class SlowBackward(torch.autograd.Function):
-    """The identity; its backward keeps the stream it runs on (its forward's) busy first."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        torch.cuda._sleep(SLEEP_CYCLES)
-        return grad
 
 
 class SideStreamMLP(MLP):

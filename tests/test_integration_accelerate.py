@@ -10,6 +10,7 @@ from accelerate.state import AcceleratorState, GradientState
 
 import gacc_kernels
 from gacc_kernels.integrations import accelerate as gacc_accelerate
+from llama import SEQ_MICRO, SEQS, assert_same_steps, sequences, tiny_llama, tokens
 from models import MLP
 
 N, MICRO = 10, 4  # 10 micro-batches per epoch: K=3 and K=4 end each epoch with a short window
@@ -118,51 +119,6 @@ def test_a_mid_window_save_state_resumes_bit_for_bit(tmp_path):
 
 # -- a tiny Llama on variable-length, padded sequences (as in test_integration_transformers.py) ------------
 
-SEQS, SEQ, VOCAB, SEQ_MICRO = 10, 12, 97, 2  # 5 micro-batches of 2 sequences: K=3 and K=4 end each epoch short
-
-
-def tiny_llama(lora=False, checkpointing=False):
-    """A 2-layer LlamaForCausalLM (hidden 64) from a config; with LoRA on q_proj/v_proj only the adapters train."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
-                                      max_position_embeddings=SEQ)
-    model = transformers.LlamaForCausalLM(config)
-    if checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.23
-        if enable is not None:
-            enable({"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if lora:
-        peft = pytest.importorskip("peft")
-        torch.manual_seed(1)
-        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
-        model = peft.get_peft_model(model, config)
-        for name, p in model.named_parameters():  # LoRA's B starts at 0: make its grads and steps non-trivial
-            if "lora_B" in name:
-                torch.nn.init.normal_(p, std=0.02)
-    return model
-
-
-def sequences():
-    """Random token sequences of lengths 3..SEQ, padded to SEQ; pads are masked and labelled -100."""
-    g = torch.Generator().manual_seed(5)
-    items = []
-    for _ in range(SEQS):
-        n = int(torch.randint(3, SEQ + 1, (1,), generator=g))
-        ids = torch.zeros(SEQ, dtype=torch.long)
-        ids[:n] = torch.randint(1, VOCAB, (n,), generator=g)
-        mask = (torch.arange(SEQ) < n).long()
-        items.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
-    return items
-
-
-def tokens(b):
-    return int((b["labels"][:, 1:] != -100).sum())  # the label tokens the model's loss averages
-
-
 def train_llama(model, k, batch, use_gacc, weigh=True, clip=None, mixed_precision="no", epochs=2, recipe=False):
     """The grads the optimizer stepped on (its step pre-hook, after the clip) at each step, and the trained model.
 
@@ -204,25 +160,13 @@ def train_llama(model, k, batch, use_gacc, weigh=True, clip=None, mixed_precisio
     return seen, model
 
 
-def assert_same_llama_run(run, big, steps):
-    """Every step's grads and the final parameters equal the large-batch run's, to fp32 rounding."""
-    (seen, trained), (seen_big, big) = run, big
-    assert len(seen) == len(seen_big) == steps
-    for step, (a, b) in enumerate(zip(seen, seen_big)):
-        assert len(a) == len(b) > 0
-        for x, y in zip(a, b):
-            torch.testing.assert_close(x, y, rtol=2e-5, atol=2e-5 * y.abs().max().item(), msg=f"step {step}")
-    for (name, p), q in zip(trained.named_parameters(), big.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
-
-
 @pytest.mark.parametrize("k", [1, 3, 4])
 def test_accelerate_llama_with_padded_sequences_matches_its_large_batch_run(k):
     """Token counts differ per micro-batch: weighted by them, the windows give the large batch's token mean."""
     model = tiny_llama()
     run = train_llama(copy.deepcopy(model), k, SEQ_MICRO, True)
     big = train_llama(copy.deepcopy(model), 1, SEQ_MICRO * k, False)
-    assert_same_llama_run(run, big, 2 * -(-SEQS // (SEQ_MICRO * k)))
+    assert_same_steps(*run, *big, 2 * -(-SEQS // (SEQ_MICRO * k)))
 
 
 @pytest.mark.parametrize("k", [3, 4])
@@ -232,7 +176,7 @@ def test_accelerate_recipe_for_variable_sizes_with_reduction_sum(k):
     model = tiny_llama()
     run = train_llama(copy.deepcopy(model), k, SEQ_MICRO, True, recipe=True)
     big = train_llama(copy.deepcopy(model), 1, SEQ_MICRO * k, False)
-    assert_same_llama_run(run, big, 2 * -(-SEQS // (SEQ_MICRO * k)))
+    assert_same_steps(*run, *big, 2 * -(-SEQS // (SEQ_MICRO * k)))
 
 
 def test_accelerate_llama_without_token_weights_is_not_the_large_batch_run():
@@ -242,7 +186,7 @@ def test_accelerate_llama_without_token_weights_is_not_the_large_batch_run():
     big = train_llama(copy.deepcopy(model), 1, SEQ_MICRO * 3, False)
     assert len(run[0]) == len(big[0]) == 4
     with pytest.raises(AssertionError, match="step 0"):  # the grads of the first step differ
-        assert_same_llama_run(run, big, 4)
+        assert_same_steps(*run, *big, 4)
 
 
 def test_accelerate_llama_lora_with_gradient_checkpointing():
@@ -259,7 +203,7 @@ def test_accelerate_llama_lora_with_gradient_checkpointing():
     run = train_llama(gacc_model, 3, SEQ_MICRO, True, clip=0.2)
     assert len(calls) == 2 * 2 * (SEQS // SEQ_MICRO)  # 2 epochs x 5 micro-batches x (forward, recompute)
     big = train_llama(copy.deepcopy(model), 1, SEQ_MICRO * 3, False, clip=0.2)
-    assert_same_llama_run(run, big, 4)
+    assert_same_steps(*run, *big, 4)
     assert all(len(step) == len(trainable) for step in run[0])
     for name, p in run[1].named_parameters():
         if name in frozen:

@@ -7,6 +7,7 @@ import torch
 pl = pytest.importorskip("lightning.pytorch")
 
 from gacc_kernels.integrations.lightning import GaccCallback  # noqa: E402
+from llama import SEQ_MICRO, SEQS, assert_same_steps, sequences, tiny_llama, tokens  # noqa: E402
 from models import MLP  # noqa: E402
 
 N_BATCHES, MICRO = 10, 4  # 10 micro-batches per epoch: K=3 and K=4 end each epoch with a short window
@@ -186,47 +187,6 @@ def test_lightning_fp16_with_a_grad_scaler():
 
 # -- a tiny Llama on variable-length, padded sequences (as in test_integration_transformers.py) ------------
 
-SEQS, SEQ, VOCAB, SEQ_MICRO = 10, 12, 97, 2  # 5 micro-batches of 2 sequences: K=3 and K=4 end each epoch short
-
-
-def tiny_llama(lora=False, checkpointing=False):
-    """A 2-layer LlamaForCausalLM (hidden 64) from a config; with LoRA on q_proj/v_proj only the adapters train."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
-                                      max_position_embeddings=SEQ)
-    model = transformers.LlamaForCausalLM(config)
-    if checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.23
-        if enable is not None:
-            enable({"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if lora:
-        peft = pytest.importorskip("peft")
-        torch.manual_seed(1)
-        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
-        model = peft.get_peft_model(model, config)
-        for name, p in model.named_parameters():  # LoRA's B starts at 0: make its grads and steps non-trivial
-            if "lora_B" in name:
-                torch.nn.init.normal_(p, std=0.02)
-    return model
-
-
-def sequences():
-    """Random token sequences of lengths 3..SEQ, padded to SEQ; pads are masked and labelled -100."""
-    g = torch.Generator().manual_seed(5)
-    items = []
-    for _ in range(SEQS):
-        n = int(torch.randint(3, SEQ + 1, (1,), generator=g))
-        ids = torch.zeros(SEQ, dtype=torch.long)
-        ids[:n] = torch.randint(1, VOCAB, (n,), generator=g)
-        mask = (torch.arange(SEQ) < n).long()
-        items.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
-    return items
-
-
 class CausalLM(pl.LightningModule):
     """The model's own loss: the mean over the micro-batch's label tokens, whose count differs from micro-batch
     to micro-batch. With gacc the step weighs the micro-batch by that count (GaccCallback.set_weight), so
@@ -239,7 +199,7 @@ class CausalLM(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         if self.gacc is not None:
-            self.gacc.set_weight(int((batch["labels"][:, 1:] != -100).sum()))  # the tokens the loss averages
+            self.gacc.set_weight(tokens(batch))
         return self.model(**batch).loss
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
@@ -261,24 +221,13 @@ def fit_llama(model, k, batch, use_gacc, weigh=True, clip=None):
     return module
 
 
-def assert_same_llama_run(a: CausalLM, b: CausalLM, steps: int):
-    """Every step's grads and the final parameters equal the large-batch run's, to fp32 rounding."""
-    assert len(a.seen) == len(b.seen) == steps
-    for step, (ga, gb) in enumerate(zip(a.seen, b.seen)):
-        assert len(ga) == len(gb) > 0
-        for x, y in zip(ga, gb):
-            torch.testing.assert_close(x, y, rtol=2e-5, atol=2e-5 * y.abs().max().item(), msg=f"step {step}")
-    for (name, p), q in zip(a.named_parameters(), b.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
-
-
 @pytest.mark.parametrize("k", [1, 3, 4])
 def test_lightning_llama_with_padded_sequences_matches_its_large_batch_run(k):
     """Token counts differ per micro-batch: weighted by them, the windows give the large batch's token mean."""
     model = tiny_llama()
     run = fit_llama(copy.deepcopy(model), k, SEQ_MICRO, True)
     big = fit_llama(copy.deepcopy(model), 1, SEQ_MICRO * k, False)
-    assert_same_llama_run(run, big, 2 * -(-SEQS // (SEQ_MICRO * k)))
+    assert_same_steps(run.seen, run, big.seen, big, 2 * -(-SEQS // (SEQ_MICRO * k)))
 
 
 def test_lightning_llama_without_token_weights_is_not_the_large_batch_run():
@@ -288,7 +237,7 @@ def test_lightning_llama_without_token_weights_is_not_the_large_batch_run():
     big = fit_llama(copy.deepcopy(model), 1, SEQ_MICRO * 3, False)
     assert len(run.seen) == len(big.seen) == 4
     with pytest.raises(AssertionError, match="step 0"):  # the grads of the first step differ
-        assert_same_llama_run(run, big, 4)
+        assert_same_steps(run.seen, run, big.seen, big, 4)
 
 
 def test_lightning_llama_lora_with_gradient_checkpointing():
@@ -305,7 +254,7 @@ def test_lightning_llama_lora_with_gradient_checkpointing():
     run = fit_llama(gacc_model, 3, SEQ_MICRO, True, clip=0.2)
     assert len(calls) == 2 * 2 * (SEQS // SEQ_MICRO)  # 2 epochs x 5 micro-batches x (forward, recompute)
     big = fit_llama(copy.deepcopy(model), 1, SEQ_MICRO * 3, False, clip=0.2)
-    assert_same_llama_run(run, big, 4)
+    assert_same_steps(run.seen, run, big.seen, big, 4)
     assert all(len(step) == len(trainable) for step in run.seen)
     for name, p in run.model.named_parameters():
         if name in frozen:
