@@ -561,7 +561,6 @@ class GradAccumulator:
         for slot, wrote in zip(self._slots, state["written"]):
             slot.window = w.id if wrote else -1
         w.done, w.weights, w.weight = state["micro_steps"], list(state["weights"]), state["weight"]
-        w.weight_sum = sum(w.weights, 0.0)  # the same additions, in the same order
         self._open_main_grads()
 
     def remove(self) -> None:

@@ -101,7 +101,8 @@ class Capture:
         g = p.grad
         if g is None:
             return
-        g = local(g)  # FSDP2 hands over this rank's shard, after its reduce-scatter
+        if slot.sharded:  # FSDP2 hands over a DTensor of this rank's shard, after its reduce-scatter
+            g = local(g)
         if self.task is None:  # a backward that did not pass through the model's outputs
             with self._lock:
                 if self.task is None:

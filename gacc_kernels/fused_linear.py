@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .layout import Slot, local
+from .layout import Slot
 from .patch import plain_copies, set_attr
 
 # Tests: take the fused route also where the device has no fused GEMM, with the fp32 reference.
@@ -70,7 +70,7 @@ def install(model: torch.nn.Module, slots: list[Slot], capture, undo: contextlib
         slot = slot_of.get(id(module.weight)) if type(module) is torch.nn.Linear else None
         if slot is None or slot.param.dtype not in (torch.bfloat16, torch.float16) or not slot.main.is_contiguous():
             continue
-        if local(slot.param) is not slot.param:  # an FSDP2 shard: its layer runs on the unsharded weight
+        if slot.sharded:  # an FSDP2 shard: its layer runs on the unsharded weight
             continue
         gemm = gemm_for(slot.param.device, slot.param.dtype)
         if gemm is not None:

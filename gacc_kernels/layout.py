@@ -42,13 +42,14 @@ def contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
 
 class Slot:
     """One parameter's place in its device's flat buffer, and where it stands in the window."""
-    __slots__ = ("param", "buffer", "segment", "bucket", "start", "order", "shape", "numel", "strides",
-                 "contiguous", "main", "out", "window", "micro", "fused", "version")
+    __slots__ = ("param", "buffer", "segment", "bucket", "start", "order", "sharded", "shape", "numel",
+                 "strides", "contiguous", "main", "out", "window", "micro", "fused", "version")
 
     def __init__(self, param: torch.nn.Parameter, buffer: DeviceBuffer, segment: int, start: int, order: int):
         self.param, self.buffer, self.segment, self.start = param, buffer, segment, start
         self.order = order  # its place in backward order (reverse registration order) on its device
         shard = local(param)  # a slot holds this rank's shard of an FSDP2 parameter
+        self.sharded = shard is not param  # then its grads come, and go out, as DTensors
         self.shape, self.numel = shard.shape, shard.numel()
         self.strides = dense_strides(shard)
         self.contiguous = shard.is_contiguous()  # then its memory order is the logical order
@@ -65,10 +66,10 @@ class Slot:
 
     def for_param(self, t: torch.Tensor) -> torch.Tensor:
         """t as the parameter's grad: for an FSDP2 shard, a DTensor laid out like the parameter."""
-        p = self.param
-        if p is local(p):
+        if not self.sharded:
             return t
         from torch.distributed.tensor import DTensor
+        p = self.param
         return DTensor.from_local(t, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
 
     def flat(self, t: torch.Tensor, base: int = 0) -> torch.Tensor:

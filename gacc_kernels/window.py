@@ -29,7 +29,6 @@ class Window:
         self.id = 0            # windows since attach
         self.micro = 0         # micro-steps since attach: the id of the one in progress
         self.done = 0          # micro-steps finished in this window
-        self.weight_sum = 0.0  # their total weight
         self.weights: list[float] = []  # their weights
         self.weight = 1.0      # the weight of the micro-step in progress
         self.fused = -1        # the micro-step whose launches also finalize (the last pass), if armed
@@ -42,7 +41,12 @@ class Window:
         """Start a new window (after a step, zero_grad(), or a load)."""
         self.id += 1
         self.state = State.OPEN
-        self.done, self.weight_sum, self.weights, self.fused = 0, 0.0, [], -1
+        self.done, self.weights, self.fused = 0, [], -1
+
+    @property
+    def weight_sum(self) -> float:
+        """The total weight of the micro-steps finished in this window."""
+        return sum(self.weights, 0.0)
 
     def is_last(self) -> bool:
         """The micro-step in progress is the window's last."""
@@ -52,7 +56,6 @@ class Window:
         """Count the micro-step in progress; True if that completes the window."""
         self.micro += 1
         self.done += 1
-        self.weight_sum += self.weight
         self.weights.append(self.weight)
         self.weight = 1.0
         closes, self.closing = self.closing or self.done == self.steps, False
