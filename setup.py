@@ -75,7 +75,7 @@ def extension_setup():
     chunk_macro = f"-DGACC_CHUNK={read_chunk()}"
     cxx_flags = ["/O2", "/DNDEBUG"] if os.name == "nt" else ["-O3", "-DNDEBUG", "-ffp-contract=off"]
     cxx_flags.append(chunk_macro)
-    sources = ["csrc/gacc.cpp"]
+    sources = ["csrc/gacc.cpp", "csrc/fused_linear.cpp"]
     if build_cuda:
         # No --use_fast_math: it flushes denormals and changes the fp32 rounding the ops must keep.
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and torch.cuda.device_count() == 0:

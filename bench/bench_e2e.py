@@ -1,4 +1,4 @@
-"""End to end: K=8 micro-steps of a bf16 LlamaForCausalLM (random weights) per optimizer step.
+"""End to end: K micro-steps of a bf16 LlamaForCausalLM (random weights) per optimizer step.
 
 Times forward + backward + gradient handling per optimizer step (the optimizer update itself is the
 same for every variant and left out), peak memory, and the error of the gradient the optimizer gets
@@ -6,7 +6,7 @@ against a float64 accumulation of the same micro-step gradients. Variants as in 
 gacc-fused: attach(..., fuse_linear=True), whose linear weight grads never take the bf16 rounding that
 the reference (a sum of bf16 grads) holds, so its error columns show that rounding, not gacc's.
 
-    python bench/bench_e2e.py [--out bench/results] [--layers 16]
+    python bench/bench_e2e.py [--out bench/results] [--layers 16] [--k 8] [--micro 1 --seq 2048] [--variants gacc,a-bf16]
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import gacc_kernels
 from bench_hooks import Megatron
 from common import events_ms, stamp, table, write_report
 
-K = 8
+VARIANTS = ("gacc", "gacc-fused", "a-bf16", "b-grad_dtype", "c-megatron", "d-naive")
 
 
 def build(layers: int):
@@ -32,9 +32,9 @@ def build(layers: int):
     return LlamaForCausalLM(cfg).to(device="cuda", dtype=torch.bfloat16)
 
 
-def micro_batches(micro: int, seq: int):
+def micro_batches(k: int, micro: int, seq: int):
     g = torch.Generator(device="cuda").manual_seed(1)
-    return [torch.randint(0, 32000, (micro, seq), device="cuda", generator=g) for _ in range(K)]
+    return [torch.randint(0, 32000, (micro, seq), device="cuda", generator=g) for _ in range(k)]
 
 
 def loss_of(model, tokens):
@@ -42,7 +42,7 @@ def loss_of(model, tokens):
 
 
 def reference_grads(model, data):
-    """float64 sum of each micro-step's bf16 grads, divided by K."""
+    """float64 sum of each micro-step's bf16 grads, divided by K (the number of micro-batches)."""
     ref = {p: torch.zeros(p.shape, dtype=torch.float64, device="cuda") for p in model.parameters()}
 
     def hook(p):
@@ -53,31 +53,32 @@ def reference_grads(model, data):
         loss_of(model, t).backward()
     for h in hs:
         h.remove()
-    return {p: r / K for p, r in ref.items()}
+    return {p: r / len(data) for p, r in ref.items()}
 
 
 def run(model, data, variant, keep_grads):
     """Returns (ms per optimizer step, peak GiB, the fp32 grads the optimizer would read or None)."""
     params = list(model.parameters())
+    k = len(data)
     opt = torch.optim.SGD(params, lr=0.0)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     resident = torch.cuda.memory_allocated()  # before the variant's own buffers, so that they count
     helper = acc = None
     if variant in ("gacc", "gacc-fused"):
-        acc = gacc_kernels.attach(model, opt, steps=K, fuse_linear=variant == "gacc-fused")
+        acc = gacc_kernels.attach(model, opt, steps=k, fuse_linear=variant == "gacc-fused")
     elif variant == "b-grad_dtype":
         for p in params:
             p.grad_dtype = torch.float32
     elif variant in ("c-megatron", "d-naive"):
-        helper = Megatron(model, naive_k=K if variant == "d-naive" else None)
-        helper.inv_scale.fill_(1.0 / K)
+        helper = Megatron(model, naive_k=k if variant == "d-naive" else None)
+        helper.inv_scale.fill_(1.0 / k)
     divide = variant in ("a-bf16", "b-grad_dtype")
 
     def backwards():
         for t in data:
             loss = loss_of(model, t)
-            (loss / K if divide else loss).backward()
+            (loss / k if divide else loss).backward()
 
     def step():
         backwards()
@@ -115,18 +116,20 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--layers", type=int, default=16)
-    ap.add_argument("--micro", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--micro", type=int, default=1)
+    ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
     args = ap.parse_args()
     model = build(args.layers)
     n = sum(p.numel() for p in model.parameters())
-    data = micro_batches(args.micro, args.seq)
+    data = micro_batches(args.k, args.micro, args.seq)
     ref = reference_grads(model, data)
     ref_list = [ref[p] for p in model.parameters()]
     ref_norm = torch.sqrt(sum((r * r).sum() for r in ref_list))
     del ref
-    variants = ["gacc", "gacc-fused", "a-bf16", "b-grad_dtype", "c-megatron", "d-naive"]
+    variants = args.variants.split(",")
     times = {v: [] for v in variants}
     peaks = dict.fromkeys(variants, 0.0)
     errors = {}
@@ -141,12 +144,15 @@ def main() -> None:
                             for g, r in zip(grads, ref_list))
                 errors[variant] = (err.item(), worst)
             del grads
-    tokens = K * args.micro * args.seq
+    tokens = args.k * args.micro * args.seq
     rows = []
     for v in variants:
         ms = statistics.median(times[v])
-        rows.append([v, ms, min(times[v]), max(times[v]), tokens / ms * 1e3, peaks[v], *errors[v]])
-    md = [f"# End to end: LlamaForCausalLM, {n / 1e9:.3f} B parameters, bf16, K={K}\n\n{stamp()}\n",
+        paired = (statistics.median(t / b for t, b in zip(times[v], times["a-bf16"]))
+                  if "a-bf16" in times else float("nan"))  # same round, so drift between rounds cancels
+        rows.append([v, f"{ms:.0f}", f"{min(times[v]):.0f}", f"{max(times[v]):.0f}", f"{paired:.3f}",
+                     tokens / ms * 1e3, peaks[v], *errors[v]])
+    md = [f"# End to end: LlamaForCausalLM, {n / 1e9:.3f} B parameters, bf16, K={args.k}\n\n{stamp()}\n",
           __doc__,
           (f"Micro-batch {args.micro} x {args.seq} tokens, eager attention (deterministic backward), "
            f"{args.layers} layers. Peak: the most memory allocated above what was resident before "
@@ -155,9 +161,9 @@ def main() -> None:
            "over all parameters, and the worst per-tensor max|g - g64| / max|g64|.\n"),
           (f"Timing: median over {args.rounds} rounds (variants interleaved, order rotated), each round the "
            "median of 2 windows after 1 warm-up.\n"),
-          table(["variant", "ms / optimizer step", "min", "max", "tokens/s", "peak GiB incl. buffers", "rel. L2 error",
+          table(["variant", "ms / optimizer step", "min", "max", "time / a-bf16 (per round)", "tokens/s", "peak GiB incl. buffers", "rel. L2 error",
                  "worst max error"], rows)]
-    write_report(args.out, "e2e.md", md)
+    write_report(args.out, f"e2e_k{args.k}_{args.micro}x{args.seq}.md", md)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""PNG plots of the tables in a results folder's hooks.md and e2e.md (kernels.png comes from
+"""PNG plots of the tables in a results folder's hooks.md and e2e*.md (kernels.png comes from
 bench_kernels.py itself). Runs anywhere: it only reads the markdown.
 
     python bench/plot_results.py bench/results/h100-2026-11-23
@@ -58,22 +58,25 @@ def plot_hooks(folder: str) -> None:
 
 
 def plot_e2e(folder: str) -> None:
-    path = os.path.join(folder, "e2e.md")
-    _, header, rows = tables(path)[0]
-    names = [r[0] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for ax, column, log in ((axes[0], "ms / optimizer step", False), (axes[1], "peak GiB above resident", False),
-                            (axes[2], "rel. L2 error", True)):
-        i = header.index(column)
-        ax.bar(names, [float(r[i]) for r in rows], color="tab:blue")
-        ax.set_title(column, fontsize=9)
-        ax.tick_params(axis="x", labelsize=7, rotation=20)
-        if log:
-            ax.set_yscale("log")
-    fig.suptitle(stamp(path), fontsize=7)
-    fig.savefig(os.path.join(folder, "e2e.png"), dpi=120, bbox_inches="tight")
+    """One PNG per e2e*.md table (e2e_k8_1x2048.md -> e2e_k8_1x2048.png)."""
+    for name in sorted(f for f in os.listdir(folder) if f.startswith("e2e") and f.endswith(".md")):
+        path = os.path.join(folder, name)
+        _, header, rows = tables(path)[0]
+        peak = next(h for h in header if h.startswith("peak GiB"))
+        fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+        for ax, column, log in ((axes[0], "ms / optimizer step", False), (axes[1], peak, False),
+                                (axes[2], "rel. L2 error", True)):
+            i = header.index(column)
+            ax.bar([r[0] for r in rows], [float(r[i]) for r in rows], color="tab:blue")
+            ax.set_title(column, fontsize=9)
+            ax.tick_params(axis="x", labelsize=7, rotation=20)
+            if log:
+                ax.set_yscale("log")
+        fig.suptitle(stamp(path), fontsize=7)
+        fig.savefig(os.path.join(folder, name[:-3] + ".png"), dpi=120, bbox_inches="tight")
 
 
 if __name__ == "__main__":
-    plot_hooks(sys.argv[1])
+    if os.path.exists(os.path.join(sys.argv[1], "hooks.md")):
+        plot_hooks(sys.argv[1])
     plot_e2e(sys.argv[1])

@@ -13,6 +13,7 @@
 #include <type_traits>
 
 #include "gacc.h"
+#include "python_methods.h"
 
 namespace gacc {
 namespace {
@@ -351,10 +352,10 @@ TORCH_LIBRARY_IMPL(gacc, CPU, m) {
 }
 
 // `import gacc_kernels._C` loads this library, which runs the registrations above. The ops are
-// reached through torch.ops.gacc; the module holds only CHUNK, the chunk size compiled in, which
-// gacc_kernels/ops.py compares with reference.CHUNK at load time.
+// reached through torch.ops.gacc; the module holds CHUNK, the chunk size compiled in, which
+// gacc_kernels/ops.py compares with reference.CHUNK at load time, and fused_linear's functions.
 PyMODINIT_FUNC PyInit__C(void) {
-  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, gacc::python_methods};
   PyObject* module = PyModule_Create(&module_def);
   if (module != nullptr && PyModule_AddIntConstant(module, "CHUNK", GACC_CHUNK) != 0) {
     Py_DECREF(module);

@@ -5,25 +5,32 @@ the weight's dtype and gacc's hook reads it again into the fp32 slot: 12 bytes p
 read 2, read and write 4 each; 8 in the window's first micro-step, which stores), and a bf16 rounding
 of each micro-step's grad. Here the GEMM itself accumulates into the slot in fp32, main = beta * main
 + w * dY^T X (torch.addmm with out_dtype=float32): 8 bytes per element (4 when it stores), no bf16
-grad, no rounding but fp32's. Autograd gets no weight grad at all; the input and bias grads go on as
-usual. The accumulator decides beta (0 for the window's first grad), w (the micro-step's weight) and
-where the grad goes (GradAccumulator.write_fused).
+grad, no rounding but fp32's. The accumulator decides beta (0 for the window's first grad), w (the
+micro-step's weight) and where the grad goes (GradAccumulator.write_fused).
+
+The layer's autograd Function is C++ (csrc/fused_linear.cpp), so that its host cost is a stock linear's:
+forward is F.linear; backward computes the input and bias grads as stock does, returns no weight grad to
+autograd, and makes one Python call, _weight_grad, with dY and X. A graph made before remove() gives
+autograd the weight grad, as stock would.
 
 Fused: each module of type exactly nn.Linear (not subclasses: LoRA, quantized layers) whose weight is
 a managed, contiguous bf16/fp16 parameter on a device with that GEMM (CUDA, when addmm takes
-out_dtype). A call takes stock F.linear, and the weight's grad the hook path, under torch.compile,
-under autocast to another dtype, and when the weight has tensor hooks (p.register_hook); the grad is
-returned to autograd when the backward does not accumulate into p.grad (torch.autograd.grad).
+out_dtype), when the C++ extension is built. A call takes stock F.linear, and the weight's grad the
+hook path, under torch.compile, under autocast to another dtype, and when the weight has tensor hooks
+(p.register_hook); the grad is returned to autograd when the backward does not accumulate into p.grad
+(torch.autograd.grad).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from . import ops
 from .layout import Slot
 from .patch import plain_copies, set_attr
 
@@ -31,6 +38,25 @@ from .patch import plain_copies, set_attr
 _FORCE = False
 
 Gemm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, float], None]
+WeightGrad = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+
+# The C++ autograd Function (csrc/fused_linear.cpp): without the extension nothing is fused.
+_C = ops.extension
+
+_routes: dict[int, WeightGrad] = {}  # route number -> the weight grad of one fused layer
+_route_numbers = itertools.count()
+
+
+def _weight_grad(route: int, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+    """What the C++ backward calls with dY and X (2-D): the weight grad for autograd, or None."""
+    weight_grad = _routes.get(route)
+    if weight_grad is None:  # a graph made before remove(): the stock grad
+        return dy.t().mm(x)
+    return weight_grad(dy, x)
+
+
+if _C is not None:
+    _C.set_weight_grad(_weight_grad)
 
 
 def _addmm_fp32(out: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, beta: float, alpha: float) -> None:
@@ -60,11 +86,13 @@ def _device_gemm(device: torch.device, dtype: torch.dtype) -> Gemm | None:
 
 
 def gemm_for(device: torch.device, dtype: torch.dtype) -> Gemm | None:
+    if _C is None:
+        return None
     return _device_gemm(device, dtype) or (_reference if _FORCE else None)
 
 
 def install(model: torch.nn.Module, slots: list[Slot], capture, undo: contextlib.ExitStack) -> None:
-    """Give each fusable nn.Linear of the model a forward through _Linear."""
+    """Give each fusable nn.Linear of the model a forward through the C++ FusedLinear."""
     slot_of = {id(s.param): s for s in slots}
     for module in model.modules():
         slot = slot_of.get(id(module.weight)) if type(module) is torch.nn.Linear else None
@@ -74,54 +102,48 @@ def install(model: torch.nn.Module, slots: list[Slot], capture, undo: contextlib
             continue
         gemm = gemm_for(slot.param.device, slot.param.dtype)
         if gemm is not None:
-            set_attr(module, "forward", _forward(module, (capture, slot, gemm)), undo)
+            route = next(_route_numbers)
+            _routes[route] = _slot_weight_grad(capture, slot, gemm)
+            undo.callback(_routes.pop, route)
+            set_attr(module, "forward", _forward(module, slot.param, route), undo)
             plain_copies(module, undo, attrs=("forward",))
 
 
-def _forward(module: torch.nn.Linear, route: tuple) -> Callable[[torch.Tensor], torch.Tensor]:
-    param = route[1].param
-
+def _forward(module: torch.nn.Linear, param: torch.Tensor, route: int) -> Callable[[torch.Tensor], torch.Tensor]:
     def forward(x: torch.Tensor) -> torch.Tensor:
         w, b = module.weight, module.bias
         if torch.compiler.is_compiling() or not torch.is_grad_enabled() or w is not param or w._backward_hooks:
             return F.linear(x, w, b)
         kind = x.device.type
-        if torch.is_autocast_enabled(kind) and x.dtype == torch.float32:
-            x = x.to(torch.get_autocast_dtype(kind))  # what autocast does for F.linear
+        if torch.is_autocast_enabled(kind):  # F.linear casts its floating inputs but float64 to this dtype
+            cast = torch.get_autocast_dtype(kind)
+            if cast != w.dtype:
+                return F.linear(x, w, b)
+            if x.is_floating_point() and x.dtype != torch.float64:
+                x = x.to(cast)
         if x.dtype != w.dtype or (b is not None and b.dtype != w.dtype):
             return F.linear(x, w, b)
-        return _Linear.apply(x, w, b, route)
+        return _C.fused_linear(x, w, b, route)
     return forward
 
 
-class _Linear(torch.autograd.Function):
-    """F.linear whose weight grad goes into the weight's slot, not to autograd."""
+def _slot_weight_grad(capture, slot: Slot, gemm: Gemm) -> WeightGrad:
+    """A layer's weight grad: into the slot when this backward accumulates into the weight; the grad
+    itself when it is captured (torch.autograd.grad of the weight); else nothing (no one reads it)."""
+    node = torch.autograd.graph.get_gradient_edge(slot.param).node  # the weight's AccumulateGrad
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, route):
-        ctx.save_for_backward(x, weight)
-        ctx.route = route
-        return F.linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        dx = dy2.mm(weight).view(x.shape) if ctx.needs_input_grad[0] else None  # the ops of stock linear
-        db = dy2.sum(0) if ctx.needs_input_grad[2] else None
-        dw = _weight_grad(ctx, dy2, x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
-        return dx, dw, db, None
-
-
-def _weight_grad(ctx, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
-    """Into the slot when this backward accumulates into the weight; the grad itself when it is
-    captured (torch.autograd.grad of the weight); else nothing (no one reads it)."""
-    capture, slot, gemm = ctx.route
-    try:
-        accumulates = torch._C._will_engine_execute_node(ctx.next_functions[1][0])
-    except RuntimeError:  # torch.autograd.grad(..., inputs=[weight])
-        return dy.t().mm(x)
-    if accumulates:
-        with torch.no_grad():
-            capture.fused_grad(slot, lambda out, beta, alpha: gemm(out, dy, x, beta, alpha))
-    return None
+    def weight_grad(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+        try:
+            accumulates = torch._C._will_engine_execute_node(node)
+        except RuntimeError:  # torch.autograd.grad(..., inputs=[weight])
+            return dy.t().mm(x)
+        if not accumulates:
+            return None
+        write = lambda out, beta, alpha: gemm(out, dy, x, beta, alpha)  # noqa: E731
+        if torch.is_grad_enabled():  # backward(create_graph=True): the buffer is in no graph
+            with torch.no_grad():
+                capture.fused_grad(slot, write)
+        else:
+            capture.fused_grad(slot, write)
+        return None
+    return weight_grad

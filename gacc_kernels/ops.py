@@ -12,16 +12,21 @@ from . import reference
 
 OPS = ("accumulate_", "accumulate_many_", "finalize_", "scale_", "accumulate_finalize_")
 
+REBUILD = "rebuild it (pip install --no-build-isolation -e .)"
 try:
     from . import _C  # registers torch.ops.gacc.*
 
     if getattr(_C, "CHUNK", None) != reference.CHUNK:  # a stale build, from before CHUNK changed
         EXTENSION_ERROR = (f"C++ extension not used: built with CHUNK={getattr(_C, 'CHUNK', None)}, but "
-                           f"reference.CHUNK is {reference.CHUNK}; rebuild it (pip install --no-build-isolation -e .)")
+                           f"reference.CHUNK is {reference.CHUNK}; {REBUILD}")
+    elif not hasattr(_C, "fused_linear"):  # a stale build, from before fused_linear.cpp
+        EXTENSION_ERROR = f"C++ extension not used: built without fused_linear; {REBUILD}"
     else:
         EXTENSION_ERROR = None
 except ImportError as e:  # not built, or built against another torch
     EXTENSION_ERROR = f"C++ extension not loaded: {e}"
+# The loaded extension module (the C++ autograd Function of fused_linear), or None.
+extension = _C if EXTENSION_ERROR is None else None
 
 try:
     from . import triton_ops
@@ -115,4 +120,6 @@ def report() -> str:
         for op in OPS:
             c = choose(op, device_type)
             lines.append(f"{op:<21} on {device_type:<4}: {c.backend:<9} ({c.reason})")
+    fused = "C++ autograd Function (CUDA, where addmm takes out_dtype)" if extension else f"off ({EXTENSION_ERROR})"
+    lines.append(f"{'fuse_linear=True':<29}: {fused}")
     return "\n".join(lines)

@@ -75,6 +75,7 @@ class Observed:
             y.register_hook(lambda dy: self._gemm(module.weight, dy, x))
 
     def _gemm(self, w, dy, x):
+        x = x.to(w.dtype)  # the fused GEMM's operand (autocast casts an fp32 input)
         d, xx = dy.reshape(-1, dy.shape[-1]).double(), x.reshape(-1, x.shape[-1]).double()
         self.micro.append((w, d.t() @ xx, d.abs().t() @ xx.abs(), d.shape[0]))
 
@@ -357,6 +358,30 @@ def test_forward_input_and_bias_grads_are_stock_linear(device, bias, shape):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cast, fused", [(torch.bfloat16, True), (torch.float16, False)], ids=["same", "other"])
+def test_autocast(device, cast, fused):
+    """Autocast to the weights' dtype: an fp32 input is cast as F.linear would and the layer is fused;
+    to another dtype: stock F.linear, bit for bit (all cast to that dtype, a bf16 input too), and the
+    hook path."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(37, 53).to(device, torch.bfloat16)
+    ref = copy.deepcopy(lin)
+    obs = Observed(lin, gemms=fused)
+    acc = gacc_kernels.attach(lin, torch.optim.SGD(lin.parameters(), lr=0.1), steps=2, fuse_linear=True)
+    poison(acc)
+    xs = [torch.randn(3, 37, device=device, dtype=dtype) for dtype in (torch.float32, torch.bfloat16)]
+    for x in xs:
+        with torch.autocast(device, dtype=cast):
+            y, r = lin(x), ref(x)
+            assert y.dtype == cast and torch.equal(y, r)
+        y.float().square().sum().backward()
+        obs.end_micro_step()
+    assert acc.window.state is State.FINISHED
+    assert obs.got_grad[0] != fused  # the weight's grad came through autograd only when not fused
+    obs.check(lin, 1 / 2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_autograd_grad_of_a_fused_weight_and_a_gradient_penalty(device):
     """torch.autograd.grad gets the weight's grad itself and leaves the window alone; a penalty on the
     input grad (create_graph) differentiates through the fused backward's input grad."""
@@ -382,6 +407,53 @@ def test_autograd_grad_of_a_fused_weight_and_a_gradient_penalty(device):
         loss_of(model, x).backward()
     assert acc.window.state is State.FINISHED
     assert_near_stock(model, stock)
+
+
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_compiled_autograd_over_fused_layers_is_refused_cleanly(fullgraph):
+    """The C++ FusedLinear nodes in the graph do not get in the way of gacc's own refusal, and the
+    window is left as it was: eager micro-steps after it are exact."""
+    from torch._dynamo import compiled_autograd
+
+    model = make_stack("cpu", torch.bfloat16)
+    obs = Observed(model)
+    data = stack_data(3, "cpu", torch.bfloat16, 5)
+    acc = gacc_kernels.attach(model, torch.optim.SGD(trainable(model), lr=0.1), steps=2, fuse_linear=True)
+    poison(acc)
+    compiler = (lambda gm: torch.compile(gm, backend="eager", fullgraph=True)) if fullgraph else (lambda gm: gm)
+    with pytest.raises(RuntimeError, match="cannot run under compiled autograd"):
+        with compiled_autograd._enable(compiler):
+            stack_loss(model, *data[0]).backward()
+    obs.micro = []  # what the refused backward showed the observer never reached gacc
+    assert acc.window.done == 0 and all(p.grad is None for p in model.parameters())
+    for x, y, use_b in data[1:]:
+        stack_loss(model, x, y, use_b).backward()
+        obs.end_micro_step()
+    assert acc.window.state is State.FINISHED
+    obs.check(model, 1 / 2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_graph_made_before_remove_gives_its_weight_grad_to_autograd(device):
+    """A forward under gacc, then remove(), then its backward: the weight grad lands in p.grad as stock
+    autograd's would (not in the detached buffer); attached again, the new gacc takes it."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(37, 53).to(device, torch.bfloat16)
+    ref = copy.deepcopy(lin)
+    x = torch.randn(4, 37, device=device, dtype=torch.bfloat16)
+    ref(x).float().square().sum().backward()
+    for again in (False, True):
+        opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+        acc = gacc_kernels.attach(lin, opt, steps=1, fuse_linear=True)
+        loss = lin(x).float().square().sum()
+        acc.remove()
+        acc = gacc_kernels.attach(lin, opt, steps=1, fuse_linear=True) if again else None
+        loss.backward()
+        torch.testing.assert_close(lin.weight.grad, ref.weight.grad, rtol=2 ** -7, atol=0)
+        if again:
+            torch.testing.assert_close(lin.weight.main_grad, ref.weight.grad.float(), rtol=2 ** -7, atol=0)
+            acc.remove()
+        lin.zero_grad(set_to_none=True)
 
 
 def test_copies_and_remove_are_plain():
