@@ -49,12 +49,8 @@ class Observed:
     def __init__(self, model, gemms=True):
         self.params = list(model.parameters())
         self.index = {id(p): i for i, p in enumerate(self.params)}
-        self.total = [None] * len(self.params)
-        self.abs = [None] * len(self.params)
-        self.n = [0] * len(self.params)  # the largest inner size of a GEMM into the parameter
         self.got_grad = [False] * len(self.params)  # some hook saw p.grad not None
-        self.micro = []
-        self.k = 0  # micro-steps
+        self.discard()  # total, abs, n (the largest inner size of a GEMM into the parameter), k (micro-steps)
         for p in self.params:
             if p.requires_grad:
                 p.register_post_accumulate_grad_hook(self._hook)
@@ -98,6 +94,11 @@ class Observed:
             err = (p.main_grad.double() - t * scale).abs()
             assert (err <= bound).all(), f"{tuple(p.shape)}: error {(err / bound).max().item():.3g} x the bound"
             assert torch.equal(p.grad, p.main_grad.to(p.dtype)), "p.grad must be one rounding of main_grad"
+        self.discard()
+
+    def discard(self):
+        """Forget what was seen (a window discarded by zero_grad, or a backward that never reached gacc)."""
+        self.micro = []
         self.total = [None] * len(self.params)
         self.abs = [None] * len(self.params)
         self.n = [0] * len(self.params)
@@ -424,7 +425,7 @@ def test_compiled_autograd_over_fused_layers_is_refused_cleanly(fullgraph):
     with pytest.raises(RuntimeError, match="cannot run under compiled autograd"):
         with compiled_autograd._enable(compiler):
             stack_loss(model, *data[0]).backward()
-    obs.micro = []  # what the refused backward showed the observer never reached gacc
+    obs.discard()  # what the refused backward showed the observer never reached gacc
     assert acc.window.done == 0 and all(p.grad is None for p in model.parameters())
     for x, y, use_b in data[1:]:
         stack_loss(model, x, y, use_b).backward()
@@ -454,6 +455,44 @@ def test_a_graph_made_before_remove_gives_its_weight_grad_to_autograd(device):
             torch.testing.assert_close(lin.weight.main_grad, ref.weight.grad.float(), rtol=2 ** -7, atol=0)
             acc.remove()
         lin.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_fused_write_that_raises_breaks_the_window_until_zero_grad(device, monkeypatch):
+    """An exception in the fused GEMM (raised in Python, under the C++ backward) reaches the caller as
+    itself; the window, some of whose grads are in, refuses until zero_grad; the next one is exact."""
+    gemm_for = fused_linear.gemm_for
+    fail = [False]
+
+    def failing(device_, dtype):
+        gemm = gemm_for(device_, dtype)
+
+        def write(out, dy, x, beta, alpha):
+            if fail[0]:
+                raise torch.OutOfMemoryError("the fused GEMM could not allocate")
+            gemm(out, dy, x, beta, alpha)
+        return write
+
+    monkeypatch.setattr(fused_linear, "gemm_for", failing)
+    model = make_stack(device, torch.bfloat16)
+    obs = Observed(model)
+    data = stack_data(4, device, torch.bfloat16, 3)
+    opt = torch.optim.SGD(trainable(model), lr=0.1)
+    acc = gacc_kernels.attach(model, opt, steps=2, fuse_linear=True)
+    stack_loss(model, *data[0]).backward()
+    fail[0] = True
+    with pytest.raises(torch.OutOfMemoryError, match="could not allocate"):
+        stack_loss(model, *data[1]).backward()  # the head's bias grad (hook path) came before
+    fail[0] = False
+    with pytest.raises(RuntimeError, match="zero_grad"):
+        opt.step()
+    opt.zero_grad()
+    obs.discard()
+    for x, y, use_b in data[2:]:
+        stack_loss(model, x, y, use_b).backward()
+        obs.end_micro_step()
+    assert acc.window.state is State.FINISHED
+    obs.check(model, 1 / 2)
 
 
 def test_copies_and_remove_are_plain():
