@@ -6,7 +6,8 @@ against a float64 accumulation of the same micro-step gradients. Variants as in 
 gacc-fused: attach(..., fuse_linear=True), whose linear weight grads never take the bf16 rounding that
 the reference (a sum of bf16 grads) holds, so its error columns show that rounding, not gacc's.
 
-    python bench/bench_e2e.py [--out bench/results] [--layers 16] [--k 8] [--micro 1 --seq 2048] [--variants gacc,a-bf16]
+    python bench/bench_e2e.py [--out bench/results] [--layers 16] [--k 8] [--micro 1 --seq 2048]
+                              [--variants gacc,a-bf16]
 """
 from __future__ import annotations
 
@@ -161,8 +162,8 @@ def main() -> None:
            "over all parameters, and the worst per-tensor max|g - g64| / max|g64|.\n"),
           (f"Timing: median over {args.rounds} rounds (variants interleaved, order rotated), each round the "
            "median of 2 windows after 1 warm-up.\n"),
-          table(["variant", "ms / optimizer step", "min", "max", "time / a-bf16 (per round)", "tokens/s", "peak GiB incl. buffers", "rel. L2 error",
-                 "worst max error"], rows)]
+          table(["variant", "ms / optimizer step", "min", "max", "time / a-bf16 (per round)", "tokens/s",
+                 "peak GiB incl. buffers", "rel. L2 error", "worst max error"], rows)]
     write_report(args.out, f"e2e_k{args.k}_{args.micro}x{args.seq}.md", md)
 
 

@@ -204,8 +204,9 @@ class GradAccumulator:
                 else:
                     _broadcast_from_first_rank(model, group)
             self._capture.install(undo)
-            if fuse_linear:
-                fused_linear.install(model, self._slots, self._capture, undo)
+            if fuse_linear and fused_linear.install(model, self._slots, self._capture, undo) == 0:
+                warnings.warn(f"attach(fuse_linear=True) fused no layer: {fused_linear.why_none_fused()}. "
+                              "The weight grads take the hook path, with the same results.", stacklevel=3)
             undo.callback(optimizer.register_step_pre_hook(self._before_step).remove)
             undo.callback(optimizer.register_step_post_hook(self._after_step).remove)
             set_attr(optimizer, "zero_grad", self._zero_grad, undo)

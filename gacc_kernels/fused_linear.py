@@ -91,9 +91,10 @@ def gemm_for(device: torch.device, dtype: torch.dtype) -> Gemm | None:
     return _device_gemm(device, dtype) or (_reference if _FORCE else None)
 
 
-def install(model: torch.nn.Module, slots: list[Slot], capture, undo: contextlib.ExitStack) -> None:
-    """Give each fusable nn.Linear of the model a forward through the C++ FusedLinear."""
+def install(model: torch.nn.Module, slots: list[Slot], capture, undo: contextlib.ExitStack) -> int:
+    """Give each fusable nn.Linear of the model a forward through the C++ FusedLinear; how many."""
     slot_of = {id(s.param): s for s in slots}
+    fused = 0
     for module in model.modules():
         slot = slot_of.get(id(module.weight)) if type(module) is torch.nn.Linear else None
         if slot is None or slot.param.dtype not in (torch.bfloat16, torch.float16) or not slot.main.is_contiguous():
@@ -107,6 +108,15 @@ def install(model: torch.nn.Module, slots: list[Slot], capture, undo: contextlib
             undo.callback(_routes.pop, route)
             set_attr(module, "forward", _forward(module, slot.param, route), undo)
             plain_copies(module, undo, attrs=("forward",))
+            fused += 1
+    return fused
+
+
+def why_none_fused() -> str:
+    if _C is None:
+        return ops.EXTENSION_ERROR
+    return ("a layer is fused when it is exactly nn.Linear, its weight is trainable, contiguous and bf16/fp16, "
+            "on CUDA with a torch whose addmm takes out_dtype")
 
 
 def _forward(module: torch.nn.Linear, param: torch.Tensor, route: int) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -12,6 +12,7 @@ the rest of backward (input and bias grads), to bf16.
 """
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -321,7 +322,10 @@ def test_cpu_without_the_switch_routes_nothing_and_is_bit_identical(monkeypatch)
     results = []
     for fuse in (False, True):
         model = make_stack("cpu", torch.bfloat16)
-        gacc_kernels.attach(model, torch.optim.SGD(trainable(model), lr=0.1), steps=3, fuse_linear=fuse)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            gacc_kernels.attach(model, torch.optim.SGD(trainable(model), lr=0.1), steps=3, fuse_linear=fuse)
+        assert [str(w.message).split(":")[0] for w in caught] == (["attach(fuse_linear=True) fused no layer"] * fuse)
         assert not any("forward" in vars(m) for m in model.modules())
         for x, y, use_b in data:
             stack_loss(model, x, y, use_b).backward()
