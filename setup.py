@@ -1,5 +1,5 @@
 """Builds gacc_kernels._C, the C++ extension with the gacc ops (and their CUDA kernels when the
-toolchain allows), against the torch already installed:
+toolchain allows) and fuse_linear's autograd Function, against the torch already installed:
 
     pip install --no-build-isolation [-e] .
 
