@@ -1,7 +1,7 @@
 // The autograd Function of attach(..., fuse_linear=True): F.linear whose weight grad is not returned to
-// autograd but handed, with dY and X, to gacc_kernels.fused_linear.weight_grad (set once through
+// autograd but handed, with dY and X, to gacc_kernels.fused_linear._weight_grad (set once through
 // _C.set_weight_grad), which accumulates it into the weight's fp32 slot. It is C++ so that a layer costs
-// the host what a stock linear does: one C++ node, and one Python call in backward for the weight grad.
+// the host about what a stock linear does: one C++ node, and one Python call in backward for the weight grad.
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/python_variable.h>
