@@ -8,7 +8,8 @@ of each micro-step's grad. Here the GEMM itself accumulates into the slot in fp3
 grad, no rounding but fp32's. The accumulator decides beta (0 for the window's first grad), w (the
 micro-step's weight) and where the grad goes (GradAccumulator.write_fused).
 
-The layer's autograd Function is C++ (csrc/fused_linear.cpp), so that its host cost is a stock linear's:
+The layer's autograd Function is C++ (csrc/fused_linear.cpp), so that its host cost is about a stock
+linear's:
 forward is F.linear; backward computes the input and bias grads as stock does, returns no weight grad to
 autograd, and makes one Python call, _weight_grad, with dY and X. A graph made before remove() gives
 autograd the weight grad, as stock would.
@@ -113,6 +114,7 @@ def install(model: torch.nn.Module, slots: list[Slot], capture, undo: contextlib
 
 
 def why_none_fused() -> str:
+    """For the warning when attach(fuse_linear=True) fused no layer."""
     if _C is None:
         return ops.EXTENSION_ERROR
     return ("a layer is fused when it is exactly nn.Linear, its weight is trainable, contiguous and bf16/fp16, "
