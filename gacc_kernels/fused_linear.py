@@ -9,9 +9,8 @@ grad, no rounding but fp32's. The accumulator decides beta (0 for the window's f
 micro-step's weight) and where the grad goes (GradAccumulator.write_fused).
 
 The layer's autograd Function is C++ (csrc/fused_linear.cpp), so that its host cost is about a stock
-linear's:
-forward is F.linear; backward computes the input and bias grads as stock does, returns no weight grad to
-autograd, and makes one Python call, _weight_grad, with dY and X. A graph made before remove() gives
+linear's: forward is F.linear; backward computes the input and bias grads as stock does, returns no
+weight grad to autograd, and makes one Python call, _weight_grad, with dY and X. A graph made before remove() gives
 autograd the weight grad, as stock would.
 
 Fused: each module of type exactly nn.Linear (not subclasses: LoRA, quantized layers) whose weight is
