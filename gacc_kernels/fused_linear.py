@@ -10,8 +10,8 @@ micro-step's weight) and where the grad goes (GradAccumulator.write_fused).
 
 The layer's autograd Function is C++ (csrc/fused_linear.cpp), so that its host cost is about a stock
 linear's: forward is F.linear; backward computes the input and bias grads as stock does, returns no
-weight grad to autograd, and makes one Python call, _weight_grad, with dY and X. A graph made before remove() gives
-autograd the weight grad, as stock would.
+weight grad to autograd, and makes one Python call, _weight_grad, with dY and X. A graph made before
+remove() gives autograd the weight grad, as stock would.
 
 Fused: each module of type exactly nn.Linear (not subclasses: LoRA, quantized layers) whose weight is
 a managed, contiguous bf16/fp16 parameter on a device with that GEMM (CUDA, when addmm takes
