@@ -1,4 +1,6 @@
 """A tiny LlamaForCausalLM on variable-length padded sequences, for the framework integration tests."""
+import copy
+
 import pytest
 import torch
 
@@ -57,3 +59,25 @@ def assert_same_steps(seen, trained, seen_big, big, steps: int) -> None:
             torch.testing.assert_close(x, y, rtol=2e-5, atol=2e-5 * y.abs().max().item(), msg=f"step {step}")
     for (name, p), q in zip(trained.named_parameters(), big.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def check_lora_with_checkpointing(train) -> None:
+    """PEFT LoRA (only the adapters train) and non-reentrant gradient checkpointing, K=3, against the
+    framework's own large-batch run; the clip at 0.2 is active at every step (the adapters' grad norm is
+    about 0.32). train(model, k, batch, use_gacc, clip) returns (each step's grads, the trained model)."""
+    model = tiny_llama(lora=True, checkpointing=True)
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+    frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
+    gacc_model = copy.deepcopy(model)
+    mlp = next(m for m in gacc_model.modules() if type(m).__name__ == "LlamaMLP")  # inside a checkpointed layer
+    calls = []
+    mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+    seen, trained = train(gacc_model, 3, SEQ_MICRO, True, 0.2)
+    assert len(calls) == 2 * 2 * (SEQS // SEQ_MICRO)  # 2 epochs x 5 micro-batches x (forward, recompute)
+    seen_big, big = train(copy.deepcopy(model), 1, SEQ_MICRO * 3, False, 0.2)
+    assert_same_steps(seen, trained, seen_big, big, 4)
+    assert all(len(step) == len(trainable) for step in seen)
+    for name, p in trained.named_parameters():
+        if name in frozen:
+            assert torch.equal(p, frozen[name]), name

@@ -10,7 +10,7 @@ from accelerate.state import AcceleratorState, GradientState
 
 import gacc_kernels
 from gacc_kernels.integrations import accelerate as gacc_accelerate
-from llama import SEQ_MICRO, SEQS, assert_same_steps, sequences, tiny_llama, tokens
+from llama import SEQ_MICRO, SEQS, assert_same_steps, check_lora_with_checkpointing, sequences, tiny_llama, tokens
 from models import MLP
 
 N, MICRO = 10, 4  # 10 micro-batches per epoch: K=3 and K=4 end each epoch with a short window
@@ -190,24 +190,8 @@ def test_accelerate_llama_without_token_weights_is_not_the_large_batch_run():
 
 
 def test_accelerate_llama_lora_with_gradient_checkpointing():
-    """PEFT LoRA (only the adapters train) and non-reentrant gradient checkpointing, K=3; the clip at 0.2 is
-    active at every step (the adapters' grad norm is about 0.32)."""
-    model = tiny_llama(lora=True, checkpointing=True)
-    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
-    assert trainable and all("lora_" in name for name in trainable)
-    frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
-    gacc_model = copy.deepcopy(model)
-    mlp = next(m for m in gacc_model.modules() if type(m).__name__ == "LlamaMLP")  # inside a checkpointed layer
-    calls = []
-    mlp.register_forward_pre_hook(lambda *_: calls.append(1))
-    run = train_llama(gacc_model, 3, SEQ_MICRO, True, clip=0.2)
-    assert len(calls) == 2 * 2 * (SEQS // SEQ_MICRO)  # 2 epochs x 5 micro-batches x (forward, recompute)
-    big = train_llama(copy.deepcopy(model), 1, SEQ_MICRO * 3, False, clip=0.2)
-    assert_same_steps(*run, *big, 4)
-    assert all(len(step) == len(trainable) for step in run[0])
-    for name, p in run[1].named_parameters():
-        if name in frozen:
-            assert torch.equal(p, frozen[name]), name
+    check_lora_with_checkpointing(lambda model, k, batch, use_gacc, clip:
+                                  train_llama(model, k, batch, use_gacc, clip=clip))
 
 
 def test_accelerate_llama_bf16_autocast():
