@@ -449,7 +449,7 @@ def test_a_graph_made_before_remove_gives_its_weight_grad_to_autograd(device):
     ref(x).float().square().sum().backward()
     for again in (False, True):
         opt = torch.optim.SGD(lin.parameters(), lr=0.1)
-        acc = gacc_kernels.attach(lin, opt, steps=1, fuse_linear=True)
+        acc = gacc_kernels.attach(lin, opt, steps=2, fuse_linear=True)  # its window would not publish
         loss = lin(x).float().square().sum()
         acc.remove()
         acc = gacc_kernels.attach(lin, opt, steps=1, fuse_linear=True) if again else None
