@@ -81,16 +81,18 @@ class Capture:
         # compiled autograd with fullgraph=True the user would see its error instead of ours.
         if compiled_autograd_active():
             raise RuntimeError(COMPILED_AUTOGRAD)
-        with self._lock:
-            if self.task is None:  # else this backward has begun, or one is nested in ours (checkpointing)
-                self._begin(accumulated=False)
+        self._begin(accumulated=False)
 
     def _begin(self, accumulated: bool) -> None:
-        if compiled_autograd_active():
-            raise RuntimeError(COMPILED_AUTOGRAD)
-        self.sink.backward_starting(self._will_accumulate, accumulated)  # may refuse: nothing recorded yet
-        self.task, self.delivered = torch._C._current_graph_task_id(), False
-        torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
+        """Start our backward once: hooks on several devices' threads may get here together."""
+        with self._lock:
+            if self.task is not None:  # this backward has begun, or one is nested in ours (checkpointing)
+                return
+            if compiled_autograd_active():
+                raise RuntimeError(COMPILED_AUTOGRAD)
+            self.sink.backward_starting(self._will_accumulate, accumulated)  # may refuse: nothing recorded yet
+            self.task, self.delivered = torch._C._current_graph_task_id(), False
+            torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
 
     def _on_grad(self, slot: Slot, p: torch.Tensor) -> None:
         if p.__dict__.get("grad_added_to_main_grad"):  # its layer added its grad into p.main_grad (TE)
@@ -104,9 +106,7 @@ class Capture:
         if slot.sharded:  # FSDP2 hands over a DTensor of this rank's shard, after its reduce-scatter
             g = local(g)
         if self.task is None:  # a backward that did not pass through the model's outputs
-            with self._lock:
-                if self.task is None:
-                    self._begin(accumulated=True)
+            self._begin(accumulated=True)
         index = slot.buffer.cuda_index
         stream = None if index is None else torch._C._cuda_getCurrentRawStream(index)  # what Triton uses
         self.sink.grad_ready(slot, g, stream)
@@ -116,9 +116,7 @@ class Capture:
     def fused_grad(self, slot: Slot, write) -> None:
         """A grad that goes straight into the slot, not through p.grad: GradAccumulator.write_fused."""
         if self.task is None:
-            with self._lock:
-                if self.task is None:
-                    self._begin(accumulated=write is None)
+            self._begin(accumulated=write is None)
         self.delivered = True
         self.sink.write_fused(slot, write)
 
