@@ -6,21 +6,29 @@ against a float64 accumulation of the same micro-step gradients. Variants as in 
 gacc-fused: attach(..., fuse_linear=True), whose linear weight grads never take the bf16 rounding that
 the reference (a sum of bf16 grads) holds, so its error columns show that rounding, not gacc's.
 
+Timing: each variant has its own copy of the model (the same weights), set up once, and the variants
+take turns window by window, the order rotated each round. The host's drift, which moves a window by
+10-30% on a shared machine when the micro-step is host-bound (1 x 2048 tokens), then falls on every
+variant of a round alike, and the ratio to stock is taken round by round.
+
     python bench/bench_e2e.py [--out bench/results] [--layers 16] [--k 8] [--micro 1 --seq 2048]
-                              [--variants gacc,a-bf16]
+                              [--rounds 20] [--variants gacc,a-bf16]
 """
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
+import time
 
 import torch
 
 import gacc_kernels
 from bench_hooks import Megatron
-from common import events_ms, stamp, table, write_report
+from common import stamp, table, write_report
 
 VARIANTS = ("gacc", "gacc-fused", "a-bf16", "b-grad_dtype", "c-megatron", "d-naive")
+STOCK = "a-bf16"
 
 
 def build(layers: int):
@@ -57,60 +65,94 @@ def reference_grads(model, data):
     return {p: r / len(data) for p, r in ref.items()}
 
 
-def run(model, data, variant, keep_grads):
-    """Returns (ms per optimizer step, peak GiB, the fp32 grads the optimizer would read or None)."""
-    params = list(model.parameters())
-    k = len(data)
-    opt = torch.optim.SGD(params, lr=0.0)
+class Setup:
+    """One variant's gradient handling on a model, for as many windows as asked."""
+
+    def __init__(self, model, variant: str, k: int):
+        self.model, self.variant, self.k = model, variant, k
+        self.params = list(model.parameters())
+        self.opt = torch.optim.SGD(self.params, lr=0.0)
+        self.helper = self.acc = None
+        if variant in ("gacc", "gacc-fused"):
+            self.acc = gacc_kernels.attach(model, self.opt, steps=k, fuse_linear=variant == "gacc-fused")
+        elif variant == "b-grad_dtype":
+            for p in self.params:
+                p.grad_dtype = torch.float32
+        elif variant in ("c-megatron", "d-naive"):
+            self.helper = Megatron(model, naive_k=k if variant == "d-naive" else None)
+            self.helper.inv_scale.fill_(1.0 / k)
+
+    def backwards(self, data) -> None:
+        divide = self.variant in (STOCK, "b-grad_dtype")
+        for t in data:
+            loss = loss_of(self.model, t)
+            (loss / self.k if divide else loss).backward()
+
+    def window(self, data) -> None:
+        self.backwards(data)
+        if self.helper is not None:
+            self.helper.step_passes(full=self.variant == "c-megatron")  # ends with zero_()
+        self.opt.zero_grad()
+
+    def grads(self, data) -> list[torch.Tensor]:
+        """One more window, and the fp32 grads the optimizer would read from it."""
+        self.backwards(data)
+        if self.variant == "c-megatron":
+            h = self.helper
+            torch._amp_foreach_non_finite_check_and_unscale_(h.main, h.found_inf, h.inv_scale)
+        if self.acc is not None:
+            grads = [p.main_grad for p in self.params]
+        elif self.helper is not None:
+            grads = self.helper.main
+        else:
+            grads = [p.grad for p in self.params]
+        grads = [g.float().clone() for g in grads]
+        self.opt.zero_grad()
+        return grads
+
+    def remove(self) -> None:
+        self.opt.zero_grad()
+        if self.acc is not None:
+            self.acc.remove()
+        if self.helper is not None:
+            self.helper.remove(self.model)
+        self.opt.zero_grad()
+        if self.variant == "b-grad_dtype":
+            for p in self.params:
+                p.grad_dtype = p.dtype
+
+
+def peak_and_error(model, data, variant, ref, ref_norm):
+    """Peak GiB above what was resident before the variant's setup (so its buffers count) over two
+    windows, and the errors of the second window's grads against the float64 reference."""
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    resident = torch.cuda.memory_allocated()  # before the variant's own buffers, so that they count
-    helper = acc = None
-    if variant in ("gacc", "gacc-fused"):
-        acc = gacc_kernels.attach(model, opt, steps=k, fuse_linear=variant == "gacc-fused")
-    elif variant == "b-grad_dtype":
-        for p in params:
-            p.grad_dtype = torch.float32
-    elif variant in ("c-megatron", "d-naive"):
-        helper = Megatron(model, naive_k=k if variant == "d-naive" else None)
-        helper.inv_scale.fill_(1.0 / k)
-    divide = variant in ("a-bf16", "b-grad_dtype")
+    resident = torch.cuda.memory_allocated()
+    setup = Setup(model, variant, len(data))
+    setup.window(data)
+    grads = setup.grads(data)
+    peak = (torch.cuda.max_memory_allocated() - resident) / 2**30
+    setup.remove()
+    err = torch.sqrt(sum(((g.double() - r) ** 2).sum() for g, r in zip(grads, ref))) / ref_norm
+    worst = max(((g.double() - r).abs().max() / r.abs().max().clamp_min(1e-30)).item() for g, r in zip(grads, ref))
+    return peak, err.item(), worst
 
-    def backwards():
-        for t in data:
-            loss = loss_of(model, t)
-            (loss / k if divide else loss).backward()
 
-    def step():
-        backwards()
-        if helper is not None:
-            helper.step_passes(full=variant == "c-megatron")  # ends with zero_()
-        opt.zero_grad()
+def timed_ms(setup: Setup, data) -> float:
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    setup.window(data)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) * 1e3
 
-    ms = events_ms(step, reps=2, warmup=1)
-    peak = (torch.cuda.max_memory_allocated() - resident) / 2**30  # above weights, data and reference
-    grads = None
-    if keep_grads:
-        backwards()  # one more window, kept, for the error
-        if variant == "c-megatron":
-            torch._amp_foreach_non_finite_check_and_unscale_(helper.main, helper.found_inf, helper.inv_scale)
-        if variant in ("gacc", "gacc-fused"):
-            grads = [p.main_grad for p in params]
-        elif variant in ("c-megatron", "d-naive"):
-            grads = helper.main
-        else:
-            grads = [p.grad for p in params]
-        grads = [g.float().clone() for g in grads]
-    if acc is not None:
-        opt.zero_grad()
-        acc.remove()
-    if helper is not None:
-        helper.remove(model)
-    opt.zero_grad()
-    if variant == "b-grad_dtype":
-        for p in params:
-            p.grad_dtype = p.dtype
-    return ms, peak, grads
+
+def median_ci(values: list[float]) -> tuple[float, float, float]:
+    """The median and a distribution-free 95% confidence interval for it (order statistics)."""
+    v, n = sorted(values), len(values)
+    j = 0  # the largest j with P(Binomial(n, 1/2) < j) <= 0.025: the interval is v[j-1] .. v[n-j]
+    while sum(math.comb(n, i) for i in range(j + 1)) / 2**n <= 0.025:
+        j += 1
+    return statistics.median(v), v[max(j - 1, 0)], v[min(n - j, n - 1)]
 
 
 def main() -> None:
@@ -119,51 +161,52 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--micro", type=int, default=1)
     ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     args = ap.parse_args()
+    variants = args.variants.split(",")
+    if STOCK not in variants:
+        variants.append(STOCK)
+    data = micro_batches(args.k, args.micro, args.seq)
+
     model = build(args.layers)
     n = sum(p.numel() for p in model.parameters())
-    data = micro_batches(args.k, args.micro, args.seq)
     ref = reference_grads(model, data)
-    ref_list = [ref[p] for p in model.parameters()]
-    ref_norm = torch.sqrt(sum((r * r).sum() for r in ref_list))
-    del ref
-    variants = args.variants.split(",")
+    ref = [ref[p] for p in model.parameters()]
+    ref_norm = torch.sqrt(sum((r * r).sum() for r in ref))
+    measured = {v: peak_and_error(model, data, v, ref, ref_norm) for v in variants}
+    del model, ref
+    torch.cuda.empty_cache()
+
+    setups = {v: Setup(build(args.layers), v, args.k) for v in variants}
+    for setup in setups.values():  # warm-up
+        setup.window(data)
     times = {v: [] for v in variants}
-    peaks = dict.fromkeys(variants, 0.0)
-    errors = {}
-    for rnd in range(args.rounds):  # variants interleaved, the order rotated each round
-        for variant in variants[rnd % len(variants):] + variants[:rnd % len(variants)]:
-            ms, peak, grads = run(model, data, variant, keep_grads=rnd == 0)
-            times[variant].append(ms)
-            peaks[variant] = max(peaks[variant], peak)
-            if grads is not None:
-                err = torch.sqrt(sum(((g.double() - r) ** 2).sum() for g, r in zip(grads, ref_list))) / ref_norm
-                worst = max(((g.double() - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
-                            for g, r in zip(grads, ref_list))
-                errors[variant] = (err.item(), worst)
-            del grads
+    for rnd in range(args.rounds):
+        for v in variants[rnd % len(variants):] + variants[:rnd % len(variants)]:
+            times[v].append(timed_ms(setups[v], data))
+
     tokens = args.k * args.micro * args.seq
     rows = []
     for v in variants:
         ms = statistics.median(times[v])
-        paired = (statistics.median(t / b for t, b in zip(times[v], times["a-bf16"]))
-                  if "a-bf16" in times else float("nan"))  # same round, so drift between rounds cancels
-        rows.append([v, f"{ms:.0f}", f"{min(times[v]):.0f}", f"{max(times[v]):.0f}", f"{paired:.3f}",
-                     tokens / ms * 1e3, peaks[v], *errors[v]])
+        ratio, lo, hi = median_ci([t / s for t, s in zip(times[v], times[STOCK])])
+        peak, err, worst = measured[v]
+        rows.append([v, f"{ms:.0f}", f"{min(times[v]):.0f}", f"{max(times[v]):.0f}",
+                     f"{ratio:.3f} ({lo:.3f}-{hi:.3f})", tokens / ms * 1e3, peak, err, worst])
     md = [f"# End to end: LlamaForCausalLM, {n / 1e9:.3f} B parameters, bf16, K={args.k}\n\n{stamp()}\n",
           __doc__,
           (f"Micro-batch {args.micro} x {args.seq} tokens, eager attention (deterministic backward), "
-           f"{args.layers} layers. Peak: the most memory allocated above what was resident before "
-           "the variant was set up (weights, data, the float64 reference), so its accumulation buffers (gacc's "
-           "flat fp32 buffer, the Megatron-style main grads) and the grads count. Error: ||g - g64|| / ||g64|| "
-           "over all parameters, and the worst per-tensor max|g - g64| / max|g64|.\n"),
-          (f"Timing: median over {args.rounds} rounds (variants interleaved, order rotated), each round the "
-           "median of 2 windows after 1 warm-up.\n"),
-          table(["variant", "ms / optimizer step", "min", "max", "time / a-bf16 (per round)", "tokens/s",
-                 "peak GiB incl. buffers", "rel. L2 error", "worst max error"], rows)]
+           f"{args.layers} layers. Peak: the most memory allocated above what was resident before the variant "
+           "was set up (weights, data, the float64 reference), so its accumulation buffers (gacc's flat fp32 "
+           "buffer, the Megatron-style main grads) and the grads count. Error: ||g - g64|| / ||g64|| over all "
+           "parameters, and the worst per-tensor max|g - g64| / max|g64|.\n"),
+          (f"Timing: {args.rounds} rounds after a warm-up window, one window per variant per round, each timed "
+           f"with a sync on both sides. Time / {STOCK}: the median over rounds of the ratio within a round, "
+           "with a distribution-free 95% confidence interval of that median.\n"),
+          table(["variant", "ms / optimizer step (median)", "min", "max", f"time / {STOCK} (95% CI)",
+                 "tokens/s", "peak GiB incl. buffers", "rel. L2 error", "worst max error"], rows)]
     write_report(args.out, f"e2e_k{args.k}_{args.micro}x{args.seq}.md", md)
 
 
