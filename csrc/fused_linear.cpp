@@ -1,10 +1,19 @@
 // The autograd Function of attach(..., fuse_linear=True): F.linear whose weight grad is not returned to
-// autograd but handed, with dY and X, to gacc_kernels.fused_linear._weight_grad (set once through
-// _C.set_weight_grad), which accumulates it into the weight's fp32 slot. It is C++ so that a layer costs
-// the host about what a stock linear does: one C++ node, and one Python call in backward for the weight grad.
+// autograd but accumulated into the weight's fp32 slot, in one of two ways:
+//   armed   gacc armed the layer's route for this backward (the window's micro-steps but its last, see
+//           capture.Capture._arm): the GEMM goes straight into the slot, with no call into Python;
+//   called  otherwise: gacc_kernels.fused_linear._weight_grad (set once through _C.set_weight_grad) gets
+//           dY and X and does the bookkeeping and the GEMM, or returns the grad for autograd.
+// It is C++ so that a layer costs the host no more than a stock linear: one node, and in the armed case
+// one GEMM in place of stock's GEMM and add.
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/version.h>
+
+#include <mutex>
+#include <unordered_map>
 
 #include "python_methods.h"
 
@@ -12,6 +21,72 @@ namespace gacc {
 namespace {
 
 PyObject* weight_grad_callback = nullptr;  // weight_grad(route: int, dy, x) -> Tensor | None
+
+// out = beta * out + alpha * dy^T x, accumulated in fp32: on CUDA cuBLAS's fp32 output for bf16/fp16
+// operands (addmm with out_dtype); elsewhere the operands upcast, the reference the CPU tests force.
+void weight_grad_into(at::Tensor& out, const at::Tensor& dy, const at::Tensor& x, double beta, double alpha) {
+  at::NoGradGuard no_grad;  // backward(create_graph=True): the buffer is in no graph
+  if (out.is_cuda()) {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+    at::addmm_out(out, out, dy.t(), x, at::kFloat, beta, alpha);
+#else
+    TORCH_CHECK(false, "the fused weight grad needs torch 2.8 or later (addmm with out_dtype)");
+#endif
+  } else {
+    out.addmm_(dy.t().to(at::kFloat), x.to(at::kFloat), beta, alpha);
+  }
+}
+
+// Where an armed route's next weight grad goes, during one backward (graph task).
+struct Armed {
+  at::Tensor out;
+  double beta;
+  double alpha;
+  int task;
+  bool fired;  // it took one: the next comes through Python, after gacc has counted this one
+};
+std::mutex armed_mutex;  // backwards of several devices run on several threads
+std::unordered_map<int64_t, Armed> armed;
+
+// The armed write, if this route is armed for this backward; false: ask Python.
+bool write_armed(int64_t route, const at::Tensor& dy, const at::Tensor& x) {
+  const auto* exec_info = torch::autograd::get_current_graph_task_exec_info();
+  if (exec_info == nullptr || !exec_info->empty()) {  // backward(inputs=...), autograd.grad: Python decides
+    return false;
+  }
+  at::Tensor out;
+  double beta = 0.0, alpha = 0.0;
+  {
+    std::lock_guard<std::mutex> lock(armed_mutex);
+    auto it = armed.find(route);
+    if (it == armed.end() || it->second.fired || it->second.task != torch::autograd::get_current_graph_task_id()) {
+      return false;
+    }
+    it->second.fired = true;  // before the GEMM: if it raises, gacc still sees a grad that may be partly in
+    out = it->second.out;
+    beta = it->second.beta;
+    alpha = it->second.alpha;
+  }
+  weight_grad_into(out, dy, x, beta, alpha);
+  return true;
+}
+
+at::Tensor call_weight_grad(int64_t route, const at::Tensor& dy, const at::Tensor& x) {
+  pybind11::gil_scoped_acquire gil;
+  PyObject* result = PyObject_CallFunction(
+      weight_grad_callback, "LNN", static_cast<long long>(route), THPVariable_Wrap(dy), THPVariable_Wrap(x));
+  if (result == nullptr) {
+    python_error error;
+    error.persist();
+    throw std::move(error);
+  }
+  at::Tensor dw;
+  if (THPVariable_Check(result)) {
+    dw = THPVariable_Unpack(result);
+  }
+  Py_DECREF(result);
+  return dw;
+}
 
 struct FusedLinear : public torch::autograd::Function<FusedLinear> {
   static at::Tensor forward(
@@ -37,28 +112,20 @@ struct FusedLinear : public torch::autograd::Function<FusedLinear> {
       db = dy.sum(0);
     }
     if (ctx->needs_input_grad(1)) {
-      dw = call_weight_grad(ctx->saved_data["route"].toInt(), dy, x.reshape({-1, x.size(-1)}));
+      const int64_t route = ctx->saved_data["route"].toInt();
+      const at::Tensor x2 = x.reshape({-1, x.size(-1)});
+      if (!write_armed(route, dy, x2)) {
+        dw = call_weight_grad(route, dy, x2);
+      }
     }
     return {dx, dw, db, at::Tensor()};
   }
-
-  static at::Tensor call_weight_grad(int64_t route, const at::Tensor& dy, const at::Tensor& x) {
-    pybind11::gil_scoped_acquire gil;
-    PyObject* result = PyObject_CallFunction(
-        weight_grad_callback, "LNN", static_cast<long long>(route), THPVariable_Wrap(dy), THPVariable_Wrap(x));
-    if (result == nullptr) {
-      python_error error;
-      error.persist();
-      throw std::move(error);
-    }
-    at::Tensor dw;
-    if (THPVariable_Check(result)) {
-      dw = THPVariable_Unpack(result);
-    }
-    Py_DECREF(result);
-    return dw;
-  }
 };
+
+bool unpack_route(PyObject* obj, int64_t* route) {
+  *route = PyLong_AsLongLong(obj);
+  return !(*route == -1 && PyErr_Occurred());
+}
 
 // _C.fused_linear(x, weight, bias or None, route) -> Tensor
 PyObject* fused_linear(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
@@ -67,13 +134,99 @@ PyObject* fused_linear(PyObject* /*module*/, PyObject* const* args, Py_ssize_t n
   TORCH_CHECK(weight_grad_callback != nullptr, "fused_linear: set_weight_grad was not called");
   TORCH_CHECK(THPVariable_Check(args[0]) && THPVariable_Check(args[1]), "fused_linear: x and weight must be tensors");
   TORCH_CHECK(args[2] == Py_None || THPVariable_Check(args[2]), "fused_linear: bias must be a tensor or None");
-  const int64_t route = PyLong_AsLongLong(args[3]);
-  if (route == -1 && PyErr_Occurred()) {
+  int64_t route = 0;
+  if (!unpack_route(args[3], &route)) {
     return nullptr;
   }
   const std::optional<at::Tensor> bias =
       args[2] == Py_None ? std::nullopt : std::optional<at::Tensor>(THPVariable_Unpack(args[2]));
   return THPVariable_Wrap(FusedLinear::apply(THPVariable_Unpack(args[0]), THPVariable_Unpack(args[1]), bias, route));
+  END_HANDLE_TH_ERRORS
+}
+
+// _C.weight_grad_into(out, dy, x, beta, alpha): out = beta * out + alpha * dy^T x in fp32.
+PyObject* weight_grad_into_py(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK(nargs == 5, "weight_grad_into(out, dy, x, beta, alpha) takes 5 arguments");
+  TORCH_CHECK(THPVariable_Check(args[0]) && THPVariable_Check(args[1]) && THPVariable_Check(args[2]),
+              "weight_grad_into: out, dy and x must be tensors");
+  const double beta = PyFloat_AsDouble(args[3]);
+  const double alpha = PyFloat_AsDouble(args[4]);
+  if (PyErr_Occurred()) {
+    return nullptr;
+  }
+  at::Tensor out = THPVariable_Unpack(args[0]);
+  {
+    pybind11::gil_scoped_release no_gil;
+    weight_grad_into(out, THPVariable_Unpack(args[1]), THPVariable_Unpack(args[2]), beta, alpha);
+  }
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
+// _C.arm_weight_grads(routes, outs, betas, alpha, task): in graph task `task`, each route's next weight
+// grad goes into its out (out = beta * out + alpha * dY^T X) without a call into Python.
+PyObject* arm_weight_grads(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK(nargs == 5, "arm_weight_grads(routes, outs, betas, alpha, task) takes 5 arguments");
+  const double alpha = PyFloat_AsDouble(args[3]);
+  const long task = PyLong_AsLong(args[4]);
+  if (PyErr_Occurred()) {
+    return nullptr;
+  }
+  TORCH_CHECK(PyList_Check(args[0]) && PyList_Check(args[1]) && PyList_Check(args[2]) &&
+                  PyList_GET_SIZE(args[0]) == PyList_GET_SIZE(args[1]) &&
+                  PyList_GET_SIZE(args[0]) == PyList_GET_SIZE(args[2]),
+              "arm_weight_grads: routes, outs and betas must be lists of one length");
+  std::vector<std::pair<int64_t, Armed>> entries;
+  for (Py_ssize_t i = 0; i < PyList_GET_SIZE(args[0]); ++i) {
+    int64_t route = 0;
+    if (!unpack_route(PyList_GET_ITEM(args[0], i), &route)) {
+      return nullptr;
+    }
+    PyObject* out = PyList_GET_ITEM(args[1], i);
+    TORCH_CHECK(THPVariable_Check(out), "arm_weight_grads: outs must be tensors");
+    const double beta = PyFloat_AsDouble(PyList_GET_ITEM(args[2], i));
+    if (PyErr_Occurred()) {
+      return nullptr;
+    }
+    entries.emplace_back(route, Armed{THPVariable_Unpack(out), beta, alpha, static_cast<int>(task), false});
+  }
+  std::lock_guard<std::mutex> lock(armed_mutex);
+  for (auto& [route, entry] : entries) {
+    armed.insert_or_assign(route, std::move(entry));
+  }
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
+// _C.disarm_weight_grads(routes) -> list of those that took a grad while armed; none stays armed.
+PyObject* disarm_weight_grads(PyObject* /*module*/, PyObject* routes) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK(PyList_Check(routes), "disarm_weight_grads takes a list of routes");
+  PyObject* fired = PyList_New(0);
+  if (fired == nullptr) {
+    return nullptr;
+  }
+  std::lock_guard<std::mutex> lock(armed_mutex);
+  for (Py_ssize_t i = 0; i < PyList_GET_SIZE(routes); ++i) {
+    PyObject* item = PyList_GET_ITEM(routes, i);
+    int64_t route = 0;
+    if (!unpack_route(item, &route)) {
+      Py_DECREF(fired);
+      return nullptr;
+    }
+    auto it = armed.find(route);
+    if (it == armed.end()) {
+      continue;
+    }
+    if (it->second.fired && PyList_Append(fired, item) != 0) {
+      Py_DECREF(fired);
+      return nullptr;
+    }
+    armed.erase(it);
+  }
+  return fired;
   END_HANDLE_TH_ERRORS
 }
 
@@ -88,11 +241,21 @@ PyObject* set_weight_grad(PyObject* /*module*/, PyObject* callback) {
   Py_RETURN_NONE;
 }
 
+template <typename F>
+PyCFunction fastcall(F f) {
+  return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(f));
+}
+
 }  // namespace
 
 PyMethodDef python_methods[] = {
-    {"fused_linear", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fused_linear)), METH_FASTCALL,
-     "F.linear whose weight grad goes to the weight_grad callback instead of autograd."},
+    {"fused_linear", fastcall(fused_linear), METH_FASTCALL,
+     "F.linear whose weight grad goes into gacc's buffer (armed) or to the weight_grad callback."},
+    {"weight_grad_into", fastcall(weight_grad_into_py), METH_FASTCALL,
+     "out = beta * out + alpha * dy^T x, accumulated in fp32."},
+    {"arm_weight_grads", fastcall(arm_weight_grads), METH_FASTCALL,
+     "Let the routes' next weight grads in this backward go into their slots without a call back."},
+    {"disarm_weight_grads", disarm_weight_grads, METH_O, "Disarm the routes; return those that fired."},
     {"set_weight_grad", set_weight_grad, METH_O, "Set the callback of fused_linear's weight grads."},
     {nullptr, nullptr, 0, nullptr},
 };

@@ -245,6 +245,23 @@ class GradAccumulator:
         w.fused = w.micro if scale is not None else -1
         finalize.arm(self._buffers, scale)
 
+    def armed_writes(self, slots: list[Slot]) -> tuple[float, list[float]] | None:
+        """Where this backward's fused weight grads go, for fused_linear to write them with no call back:
+        the micro-step's weight, and each slot's beta (0 for the window's first grad, which stores). None
+        where each must come through write_fused: the window's last micro-step (its buckets finalize as
+        their grads arrive) and micro_step() contexts (several backwards make one micro-step)."""
+        w = self.window
+        if w.state is not State.OPEN or w.closing or w.context >= 0:
+            return None
+        return w.weight, [0.0 if s.window != w.id else 1.0 for s in slots]
+
+    def armed_written(self, slots: list[Slot]) -> None:
+        """Grads that fused_linear wrote into these slots as armed: write_fused's bookkeeping, after the
+        fact. Their buckets launch what else they hold at the backward's end (backward_done)."""
+        w = self.window
+        for slot in slots:
+            slot.micro, slot.window = w.micro, w.id
+
     def grad_ready(self, slot: Slot, g: torch.Tensor, stream) -> None:
         if g.layout != torch.strided or g.numel() != slot.numel or g.is_cuda != slot.buffer.is_cuda:
             self._refuse_grad(slot, g)

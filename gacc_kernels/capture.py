@@ -6,6 +6,8 @@ It hands the accumulator three events of each backward (graph task) through the 
     grad   each parameter's post-accumulate-grad hook; the grad is taken out of p.grad (or, for a
            weight that fused_linear or its own layer writes into the buffer, `fused_grad`)
     end    a callback queued on the engine, after every grad of the backward
+At the start, the fused_linear layers are armed where the accumulator can say in advance where their
+grads go; their grads then reach the buffer with no call back, and are counted at the end.
 A backward that raised never reaches its end: the next forward, step or zero_grad sees that and
 reports it as aborted, so the state is reset cleanly.
 """
@@ -19,14 +21,17 @@ from typing import Protocol
 import torch
 from torch.utils._pytree import tree_leaves
 
+from . import fused_linear
 from .layout import Slot, local
 from .patch import plain_copies
 
 
 class Sink(Protocol):
     def backward_starting(self, will_accumulate, accumulated: bool) -> None: ...
+    def armed_writes(self, slots: list[Slot]) -> tuple[float, list[float]] | None: ...
     def grad_ready(self, slot: Slot, grad: torch.Tensor, stream) -> None: ...
     def write_fused(self, slot: Slot, write) -> None: ...
+    def armed_written(self, slots: list[Slot]) -> None: ...
     def backward_done(self, delivered: bool) -> None: ...
     def backward_aborted(self, delivered: bool) -> None: ...
 
@@ -50,6 +55,8 @@ class Capture:
         self.delivered = False        # it gave a parameter a grad
         self._lock = threading.Lock()  # parameters on several devices get hooks on several threads
         self._nodes: list | None = None
+        self.fused: dict[Slot, int] = {}  # fused_linear's layers that can be armed: slot -> route
+        self._armed: dict[int, Slot] | None = None  # those armed for the backward in progress
 
     def install(self, undo: contextlib.ExitStack) -> None:
         for slot in self.slots:
@@ -61,6 +68,7 @@ class Capture:
     def check_idle(self) -> None:
         """Outside any backward: report a backward of ours that raised before its end."""
         if self.task is not None and torch._C._current_graph_task_id() == -1:
+            self._disarm()
             delivered, self.task, self.delivered = self.delivered, None, False
             self.sink.backward_aborted(delivered)
 
@@ -93,6 +101,37 @@ class Capture:
             self.sink.backward_starting(self._will_accumulate, accumulated)  # may refuse: nothing recorded yet
             self.task, self.delivered = torch._C._current_graph_task_id(), False
             torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
+            self._arm()
+
+    def _arm(self) -> None:
+        """Arm the fused layers where the accumulator can say in advance where their grads go."""
+        if not self.fused:
+            return
+        slots = list(self.fused)
+        where = self.sink.armed_writes(slots)
+        if where is None:
+            return
+        alpha, betas = where
+        routes = list(self.fused.values())
+        fused_linear.arm(routes, [s.main for s in slots], betas, alpha, self.task)
+        self._armed = dict(zip(routes, slots))
+
+    def _disarm(self, slot: Slot | None = None) -> None:
+        """Count the armed grads (of one slot, or all) and disarm: before a grad of that slot comes through
+        Python (a second one in this backward), and at the backward's end."""
+        if self._armed is None:
+            return
+        if slot is None:
+            armed, self._armed = self._armed, None
+        else:
+            route = self.fused.get(slot)
+            if route not in self._armed:
+                return
+            armed = {route: self._armed.pop(route)}
+        fired = fused_linear.disarm(list(armed))
+        if fired:
+            self.sink.armed_written([armed[r] for r in fired])
+            self.delivered = True
 
     def _on_grad(self, slot: Slot, p: torch.Tensor) -> None:
         if p.__dict__.get("grad_added_to_main_grad"):  # its layer added its grad into p.main_grad (TE)
@@ -107,6 +146,8 @@ class Capture:
             g = local(g)
         if self.task is None:  # a backward that did not pass through the model's outputs
             self._begin(accumulated=True)
+        if self._armed is not None:  # a fused layer's weight that got a grad through autograd
+            self._disarm(slot)
         index = slot.buffer.cuda_index
         stream = None if index is None else torch._C._cuda_getCurrentRawStream(index)  # what Triton uses
         self.sink.grad_ready(slot, g, stream)
@@ -117,10 +158,13 @@ class Capture:
         """A grad that goes straight into the slot, not through p.grad: GradAccumulator.write_fused."""
         if self.task is None:
             self._begin(accumulated=write is None)
+        if self._armed is not None:
+            self._disarm(slot)
         self.delivered = True
         self.sink.write_fused(slot, write)
 
     def _on_backward_end(self) -> None:
+        self._disarm()
         delivered, self.task, self.delivered = self.delivered, None, False
         self.sink.backward_done(delivered)
 

@@ -8,10 +8,15 @@ of each micro-step's grad. Here the GEMM itself accumulates into the slot in fp3
 grad, no rounding but fp32's. The accumulator decides beta (0 for the window's first grad), w (the
 micro-step's weight) and where the grad goes (GradAccumulator.write_fused).
 
-The layer's autograd Function is C++ (csrc/fused_linear.cpp), so that its host cost is about a stock
-linear's: forward is F.linear; backward computes the input and bias grads as stock does, returns no
-weight grad to autograd, and makes one Python call, _weight_grad, with dY and X. A graph made before
-remove() gives autograd the weight grad, as stock would.
+The layer's autograd Function is C++ (csrc/fused_linear.cpp), so that its host cost is at most a stock
+linear's: forward is F.linear; backward computes the input and bias grads as stock does and returns no
+weight grad to autograd. The weight grad goes one of two ways:
+    armed   in the window's micro-steps but its last, capture arms the layers at the backward's start
+            with where each grad goes (slot, beta, alpha; Capture._arm), and the C++ backward writes it
+            there without a call into Python; gacc counts those grads at the backward's end
+    called  otherwise (the last micro-step, whose buckets finalize as their grads arrive; a second grad
+            of a layer in one backward; torch.autograd.grad), one Python call, _weight_grad, with dY and X
+A graph made before remove() gives autograd the weight grad, as stock would.
 
 Fused: each module of type exactly nn.Linear (not subclasses: LoRA, quantized layers) whose weight is
 a managed, contiguous bf16/fp16 parameter on a device with that GEMM (CUDA, when addmm takes
@@ -59,36 +64,39 @@ if _C is not None:
     _C.set_weight_grad(_weight_grad)
 
 
-def _addmm_fp32(out: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, beta: float, alpha: float) -> None:
-    """out = beta * out + alpha * dy^T x, bf16/fp16 operands accumulated in fp32 by cuBLAS."""
-    torch.addmm(out, dy.t(), x, beta=beta, alpha=alpha, out_dtype=torch.float32, out=out)
-
-
-def _reference(out: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, beta: float, alpha: float) -> None:
-    """The same in fp32 on any device (for tests)."""
-    out.addmm_(dy.t().float(), x.float(), beta=beta, alpha=alpha)
-
-
 @functools.cache
-def _device_gemm(device: torch.device, dtype: torch.dtype) -> Gemm | None:
-    """addmm with out_dtype where it works: a tiny call, checked (the store ignores what `out` held)."""
-    if device.type != "cuda":
-        return None
+def _cuda_gemm_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """_C.weight_grad_into (addmm with out_dtype on CUDA) works here: a tiny call, checked (the store
+    ignores what `out` held)."""
     try:
         out = torch.tensor([[float("nan")]], device=device)
         a = torch.tensor([[3.0]], device=device, dtype=dtype)
-        _addmm_fp32(out, a, a, 0.0, 0.5)
-        _addmm_fp32(out, a, a, 1.0, 2.0)
-        ok = out.item() == 22.5
+        _C.weight_grad_into(out, a, a, 0.0, 0.5)
+        _C.weight_grad_into(out, a, a, 1.0, 2.0)
+        return out.item() == 22.5
     except (RuntimeError, TypeError):
-        ok = False
-    return _addmm_fp32 if ok else None
+        return False
 
 
 def gemm_for(device: torch.device, dtype: torch.dtype) -> Gemm | None:
+    """out = beta * out + alpha * dY^T X in fp32 on this device (_C.weight_grad_into): on CUDA where addmm
+    takes out_dtype; on the CPU only for tests (_FORCE), with the operands upcast."""
     if _C is None:
         return None
-    return _device_gemm(device, dtype) or (_reference if _FORCE else None)
+    if device.type == "cuda":
+        return _C.weight_grad_into if _cuda_gemm_works(device, dtype) else None
+    return _C.weight_grad_into if _FORCE else None
+
+
+def arm(routes: list[int], outs: list[torch.Tensor], betas: list[float], alpha: float, task: int) -> None:
+    """In graph task `task`, each route's next weight grad goes into its out (out = beta * out + alpha *
+    dY^T X) from the C++ backward, without a call back."""
+    _C.arm_weight_grads(routes, outs, betas, alpha, task)
+
+
+def disarm(routes: list[int]) -> list[int]:
+    """Disarm the routes; the ones whose weight grad went into its out while armed."""
+    return _C.disarm_weight_grads(routes)
 
 
 def install(model: torch.nn.Module, slots: list[Slot], capture, undo: contextlib.ExitStack) -> int:
@@ -106,6 +114,10 @@ def install(model: torch.nn.Module, slots: list[Slot], capture, undo: contextlib
             route = next(_route_numbers)
             _routes[route] = _slot_weight_grad(capture, slot, gemm)
             undo.callback(_routes.pop, route)
+            if gemm is _C.weight_grad_into:  # a wrapped GEMM (tests) takes every grad through Python
+                capture.fused[slot] = route
+                undo.callback(capture.fused.pop, slot)
+                undo.callback(disarm, [route])
             set_attr(module, "forward", _forward(module, slot.param, route), undo)
             plain_copies(module, undo, attrs=("forward",))
             fused += 1
@@ -150,11 +162,6 @@ def _slot_weight_grad(capture, slot: Slot, gemm: Gemm) -> WeightGrad:
             return dy.t().mm(x)
         if not accumulates:
             return None
-        write = lambda out, beta, alpha: gemm(out, dy, x, beta, alpha)  # noqa: E731
-        if torch.is_grad_enabled():  # backward(create_graph=True): the buffer is in no graph
-            with torch.no_grad():
-                capture.fused_grad(slot, write)
-        else:
-            capture.fused_grad(slot, write)
+        capture.fused_grad(slot, lambda out, beta, alpha: gemm(out, dy, x, beta, alpha))
         return None
     return weight_grad

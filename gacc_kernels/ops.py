@@ -19,8 +19,8 @@ try:
     if getattr(_C, "CHUNK", None) != reference.CHUNK:  # a stale build, from before CHUNK changed
         EXTENSION_ERROR = (f"C++ extension not used: built with CHUNK={getattr(_C, 'CHUNK', None)}, but "
                            f"reference.CHUNK is {reference.CHUNK}; {REBUILD}")
-    elif not hasattr(_C, "fused_linear"):  # a stale build, from before fused_linear.cpp
-        EXTENSION_ERROR = f"C++ extension not used: built without fused_linear; {REBUILD}"
+    elif not hasattr(_C, "arm_weight_grads"):  # a stale build, from before the armed fused weight grads
+        EXTENSION_ERROR = f"C++ extension not used: built without the armed fused weight grads; {REBUILD}"
     else:
         EXTENSION_ERROR = None
 except ImportError as e:  # not built, or built against another torch

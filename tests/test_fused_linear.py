@@ -337,7 +337,8 @@ def test_cpu_without_the_switch_routes_nothing_and_is_bit_identical(monkeypatch)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_cuda_takes_the_real_gemm(dtype, monkeypatch):
     monkeypatch.setattr(fused_linear, "_FORCE", False)
-    assert fused_linear.gemm_for(torch.device("cuda", torch.cuda.current_device()), dtype) is fused_linear._addmm_fp32
+    device = torch.device("cuda", torch.cuda.current_device())
+    assert fused_linear.gemm_for(device, dtype) is fused_linear._C.weight_grad_into
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -497,6 +498,81 @@ def test_a_fused_write_that_raises_breaks_the_window_until_zero_grad(device, mon
         obs.end_micro_step()
     assert acc.window.state is State.FINISHED
     obs.check(model, 1 / 2)
+
+
+def python_calls(acc, monkeypatch):
+    """The routes of acc's fused layers each time one's weight grad comes through Python (_weight_grad)."""
+    calls = []
+    for route in acc._capture.fused.values():
+        weight_grad = fused_linear._routes[route]
+
+        def counted(dy, x, route=route, weight_grad=weight_grad):
+            calls.append(route)
+            return weight_grad(dy, x)
+        monkeypatch.setitem(fused_linear._routes, route, counted)
+    return calls
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+@pytest.mark.parametrize("device", DEVICES)
+def test_armed_layers_make_no_python_call_but_in_the_last_micro_step(device, monkeypatch):
+    """In the window's micro-steps but its last, the C++ backward writes each fused weight grad itself
+    (stored, then added, with the micro-step's weight); in the last, each comes through Python, where its
+    bucket finalizes. A backward with create_graph=True leaves the buffer in no graph. Two windows, with
+    stale NaN in every slot before each."""
+    model = make_stack(device, torch.bfloat16)
+    obs = Observed(model)
+    acc = gacc_kernels.attach(model, torch.optim.SGD(trainable(model), lr=0.0), steps=3, fuse_linear=True)
+    calls = python_calls(acc, monkeypatch)
+    assert len(acc._capture.fused) == 5  # fc1, fc2, b, head; never, which no micro-step uses
+    weights = [2.0, 0.5, 3.0]
+    for seed in (1, 2):
+        poison(acc)
+        for i, ((x, y, use_b), w) in enumerate(zip(stack_data(3, device, torch.bfloat16, seed), weights)):
+            acc.set_weight(w)
+            stack_loss(model, x, y, use_b).backward(create_graph=i == 1)
+            obs.end_micro_step(w)
+            assert not acc._buffers[0].buf.requires_grad
+            assert len(calls) == (4 if i == 2 else 0), f"micro-step {i}: {len(calls)} calls into Python"
+            calls.clear()
+        assert acc.window.state is State.FINISHED
+        obs.check(model, 1 / sum(weights))
+        acc.optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_an_armed_write_that_raises_breaks_the_window_until_zero_grad(device, monkeypatch):
+    """The head's armed GEMM (the first grad of the backward) raises: the caller gets the error, and the
+    window, which cannot know how much of that grad went in, refuses until zero_grad."""
+    arm = fused_linear.arm
+    fail = [False]
+
+    def arm_badly(routes, outs, betas, alpha, task):
+        if fail[0]:
+            outs = [torch.empty(7, device=device) if o.shape == model.head.weight.shape else o for o in outs]
+        arm(routes, outs, betas, alpha, task)
+
+    monkeypatch.setattr(fused_linear, "arm", arm_badly)
+    model = make_stack(device, torch.bfloat16)
+    obs = Observed(model)
+    data = stack_data(5, device, torch.bfloat16, 3)
+    opt = torch.optim.SGD(trainable(model), lr=0.1)
+    acc = gacc_kernels.attach(model, opt, steps=3, fuse_linear=True)
+    stack_loss(model, *data[0]).backward()
+    fail[0] = True
+    with pytest.raises(RuntimeError) as raised:
+        stack_loss(model, *data[1]).backward()
+    assert "gacc" not in str(raised.value)  # the GEMM's own error
+    fail[0] = False
+    with pytest.raises(RuntimeError, match="zero_grad"):
+        opt.step()
+    opt.zero_grad()
+    obs.discard()
+    for x, y, use_b in data[2:]:
+        stack_loss(model, x, y, use_b).backward()
+        obs.end_micro_step()
+    assert acc.window.state is State.FINISHED
+    obs.check(model, 1 / 3)
 
 
 def test_copies_and_remove_are_plain():
