@@ -17,6 +17,7 @@ variant of a round alike, and the ratio to stock is taken round by round.
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import statistics
 import time
@@ -125,6 +126,7 @@ class Setup:
 def peak_and_error(model, data, variant, ref, ref_norm):
     """Peak GiB above what was resident before the variant's setup (so its buffers count) over two
     windows, and the errors of the second window's grads against the float64 reference."""
+    gc.collect()  # the previous variant's buffers, held by reference cycles, would count as resident
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     resident = torch.cuda.memory_allocated()
