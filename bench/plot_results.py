@@ -62,9 +62,9 @@ def plot_e2e(folder: str) -> None:
     for name in sorted(f for f in os.listdir(folder) if f.startswith("e2e") and f.endswith(".md")):
         path = os.path.join(folder, name)
         _, header, rows = tables(path)[0]
-        peak = next(h for h in header if h.startswith("peak GiB"))
+        time, peak = (next(h for h in header if h.startswith(s)) for s in ("ms / optimizer step", "peak GiB"))
         fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-        for ax, column, log in ((axes[0], "ms / optimizer step", False), (axes[1], peak, False),
+        for ax, column, log in ((axes[0], time, False), (axes[1], peak, False),
                                 (axes[2], "rel. L2 error", True)):
             i = header.index(column)
             ax.bar([r[0] for r in rows], [float(r[i]) for r in rows], color="tab:blue")

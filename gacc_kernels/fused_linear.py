@@ -4,18 +4,20 @@ The weight grad of a linear layer is one GEMM, dW = dY^T X. Through autograd, th
 the weight's dtype and gacc's hook reads it again into the fp32 slot: 12 bytes per element (write 2,
 read 2, read and write 4 each; 8 in the window's first micro-step, which stores), and a bf16 rounding
 of each micro-step's grad. Here the GEMM itself accumulates into the slot in fp32, main = beta * main
-+ w * dY^T X (torch.addmm with out_dtype=float32): 8 bytes per element (4 when it stores), no bf16
-grad, no rounding but fp32's. The accumulator decides beta (0 for the window's first grad), w (the
-micro-step's weight) and where the grad goes (GradAccumulator.write_fused).
++ w * dY^T X (_C.weight_grad_into: on CUDA, addmm with out_dtype=float32): 8 bytes per element (4 when
+it stores), no bf16 grad, no rounding but fp32's. The accumulator decides beta (0 for the window's
+first grad), w (the micro-step's weight) and where the grad goes (GradAccumulator.write_fused).
 
 The layer's autograd Function is C++ (csrc/fused_linear.cpp), so that its host cost is at most a stock
 linear's: forward is F.linear; backward computes the input and bias grads as stock does and returns no
 weight grad to autograd. The weight grad goes one of two ways:
     armed   in the window's micro-steps but its last, capture arms the layers at the backward's start
             with where each grad goes (slot, beta, alpha; Capture._arm), and the C++ backward writes it
-            there without a call into Python; gacc counts those grads at the backward's end
+            there without a call into Python; gacc counts those grads at the backward's end, and their
+            buckets launch the other grads they hold then
     called  otherwise (the last micro-step, whose buckets finalize as their grads arrive; a second grad
-            of a layer in one backward; torch.autograd.grad), one Python call, _weight_grad, with dY and X
+            of a layer in one backward; backward(inputs=...) and torch.autograd.grad; a reentrant
+            checkpoint's inner backward), one Python call, _weight_grad, with dY and X
 A graph made before remove() gives autograd the weight grad, as stock would.
 
 Fused: each module of type exactly nn.Linear (not subclasses: LoRA, quantized layers) whose weight is
@@ -39,7 +41,7 @@ from . import ops
 from .layout import Slot
 from .patch import plain_copies, set_attr
 
-# Tests: take the fused route also where the device has no fused GEMM, with the fp32 reference.
+# Tests: fuse on the CPU too, where _C.weight_grad_into upcasts the operands (the fp32 reference).
 _FORCE = False
 
 Gemm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, float], None]

@@ -541,6 +541,34 @@ def test_armed_layers_make_no_python_call_but_in_the_last_micro_step(device, mon
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_a_backward_with_inputs_takes_the_called_path(device, monkeypatch):
+    """backward(inputs=...) in a micro-step that is armed: the C++ backward leaves the weight grads of
+    the layers it reaches to Python, which adds those of the inputs only."""
+    model = make_stack(device, torch.bfloat16)
+    data = stack_data(2, device, torch.bfloat16, 5)
+
+    def inputs(m):
+        return [m.fc1.weight, m.head.weight, m.head.bias]
+    ref = copy.deepcopy(model)
+    stock = [None] * len(trainable(ref))
+    for i, (x, y, use_b) in enumerate(data):
+        stack_loss(ref, x, y, use_b).backward(inputs=inputs(ref) if i == 0 else None)
+        for j, p in enumerate(trainable(ref)):
+            if p.grad is not None:
+                stock[j] = p.grad.double() / 2 + (0 if stock[j] is None else stock[j])
+            p.grad = None
+    acc = gacc_kernels.attach(model, torch.optim.SGD(trainable(model), lr=0.1), steps=2, fuse_linear=True)
+    calls = python_calls(acc, monkeypatch)
+    poison(acc)
+    stack_loss(model, *data[0]).backward(inputs=inputs(model))
+    route = {s.param: r for s, r in acc._capture.fused.items()}
+    assert sorted(calls) == sorted([route[model.fc1.weight], route[model.head.weight]])
+    stack_loss(model, *data[1]).backward()
+    assert acc.window.state is State.FINISHED
+    assert_near_stock(model, stock)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_an_armed_write_that_raises_breaks_the_window_until_zero_grad(device, monkeypatch):
     """The head's armed GEMM (the first grad of the backward) raises: the caller gets the error, and the
     window, which cannot know how much of that grad went in, refuses until zero_grad."""
