@@ -518,8 +518,8 @@ def python_calls(acc, monkeypatch):
 def test_armed_layers_make_no_python_call_but_in_the_last_micro_step(device, monkeypatch):
     """In the window's micro-steps but its last, the C++ backward writes each fused weight grad itself
     (stored, then added, with the micro-step's weight); in the last, each comes through Python, where its
-    bucket finalizes. A backward with create_graph=True leaves the buffer in no graph. Two windows, with
-    stale NaN in every slot before each."""
+    bucket finalizes. Backwards with create_graph=True (an armed micro-step and the last) leave the
+    buffer in no graph. Two windows, with stale NaN in every slot before each."""
     model = make_stack(device, torch.bfloat16)
     obs = Observed(model)
     acc = gacc_kernels.attach(model, torch.optim.SGD(trainable(model), lr=0.0), steps=3, fuse_linear=True)
@@ -530,7 +530,7 @@ def test_armed_layers_make_no_python_call_but_in_the_last_micro_step(device, mon
         poison(acc)
         for i, ((x, y, use_b), w) in enumerate(zip(stack_data(3, device, torch.bfloat16, seed), weights)):
             acc.set_weight(w)
-            stack_loss(model, x, y, use_b).backward(create_graph=i == 1)
+            stack_loss(model, x, y, use_b).backward(create_graph=i > 0)
             obs.end_micro_step(w)
             assert not acc._buffers[0].buf.requires_grad
             assert len(calls) == (4 if i == 2 else 0), f"micro-step {i}: {len(calls)} calls into Python"
