@@ -463,31 +463,46 @@ def test_a_graph_made_before_remove_gives_its_weight_grad_to_autograd(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_fused_write_that_raises_breaks_the_window_until_zero_grad(device, monkeypatch):
-    """An exception in the fused GEMM (raised in Python, under the C++ backward) reaches the caller as
-    itself; the window, some of whose grads are in, refuses until zero_grad; the next one is exact."""
-    gemm_for = fused_linear.gemm_for
+@pytest.mark.parametrize("path", ["called", "armed"])
+def test_a_fused_write_that_raises_breaks_the_window_until_zero_grad(device, path, monkeypatch):
+    """A fused GEMM raises in the window's second micro-step, under the C++ backward: through Python (the
+    last micro-step of a K=2 window, an OutOfMemoryError that reaches the caller as itself), or armed (a
+    K=3 window, the head's slot swapped for a tensor of the wrong shape: the backward's first grad, so
+    only the armed write's own mark tells gacc that some of it may be in). The window refuses until
+    zero_grad; the next one is exact."""
     fail = [False]
+    if path == "called":
+        steps, error, match = 2, torch.OutOfMemoryError, "could not allocate"
+        gemm_for = fused_linear.gemm_for
 
-    def failing(device_, dtype):
-        gemm = gemm_for(device_, dtype)
+        def failing(device_, dtype):
+            gemm = gemm_for(device_, dtype)
 
-        def write(out, dy, x, beta, alpha):
+            def write(out, dy, x, beta, alpha):
+                if fail[0]:
+                    raise torch.OutOfMemoryError("the fused GEMM could not allocate")
+                gemm(out, dy, x, beta, alpha)
+            return write
+        monkeypatch.setattr(fused_linear, "gemm_for", failing)
+    else:
+        steps, error, match = 3, RuntimeError, None
+        arm = fused_linear.arm
+
+        def arm_badly(routes, outs, betas, alpha, task):
             if fail[0]:
-                raise torch.OutOfMemoryError("the fused GEMM could not allocate")
-            gemm(out, dy, x, beta, alpha)
-        return write
-
-    monkeypatch.setattr(fused_linear, "gemm_for", failing)
+                outs = [torch.empty(7, device=device) if o.shape == model.head.weight.shape else o for o in outs]
+            arm(routes, outs, betas, alpha, task)
+        monkeypatch.setattr(fused_linear, "arm", arm_badly)
     model = make_stack(device, torch.bfloat16)
     obs = Observed(model)
-    data = stack_data(4, device, torch.bfloat16, 3)
+    data = stack_data(2 + steps, device, torch.bfloat16, 3)
     opt = torch.optim.SGD(trainable(model), lr=0.1)
-    acc = gacc_kernels.attach(model, opt, steps=2, fuse_linear=True)
+    acc = gacc_kernels.attach(model, opt, steps=steps, fuse_linear=True)
     stack_loss(model, *data[0]).backward()
     fail[0] = True
-    with pytest.raises(torch.OutOfMemoryError, match="could not allocate"):
-        stack_loss(model, *data[1]).backward()  # the head's bias grad (hook path) came before
+    with pytest.raises(error, match=match) as raised:
+        stack_loss(model, *data[1]).backward()
+    assert "gacc" not in str(raised.value)  # the GEMM's own error
     fail[0] = False
     with pytest.raises(RuntimeError, match="zero_grad"):
         opt.step()
@@ -497,7 +512,7 @@ def test_a_fused_write_that_raises_breaks_the_window_until_zero_grad(device, mon
         stack_loss(model, x, y, use_b).backward()
         obs.end_micro_step()
     assert acc.window.state is State.FINISHED
-    obs.check(model, 1 / 2)
+    obs.check(model, 1 / steps)
 
 
 def python_calls(acc, monkeypatch):
@@ -566,41 +581,6 @@ def test_a_backward_with_inputs_takes_the_called_path(device, monkeypatch):
     stack_loss(model, *data[1]).backward()
     assert acc.window.state is State.FINISHED
     assert_near_stock(model, stock)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_an_armed_write_that_raises_breaks_the_window_until_zero_grad(device, monkeypatch):
-    """The head's armed GEMM (the first grad of the backward) raises: the caller gets the error, and the
-    window, which cannot know how much of that grad went in, refuses until zero_grad."""
-    arm = fused_linear.arm
-    fail = [False]
-
-    def arm_badly(routes, outs, betas, alpha, task):
-        if fail[0]:
-            outs = [torch.empty(7, device=device) if o.shape == model.head.weight.shape else o for o in outs]
-        arm(routes, outs, betas, alpha, task)
-
-    monkeypatch.setattr(fused_linear, "arm", arm_badly)
-    model = make_stack(device, torch.bfloat16)
-    obs = Observed(model)
-    data = stack_data(5, device, torch.bfloat16, 3)
-    opt = torch.optim.SGD(trainable(model), lr=0.1)
-    acc = gacc_kernels.attach(model, opt, steps=3, fuse_linear=True)
-    stack_loss(model, *data[0]).backward()
-    fail[0] = True
-    with pytest.raises(RuntimeError) as raised:
-        stack_loss(model, *data[1]).backward()
-    assert "gacc" not in str(raised.value)  # the GEMM's own error
-    fail[0] = False
-    with pytest.raises(RuntimeError, match="zero_grad"):
-        opt.step()
-    opt.zero_grad()
-    obs.discard()
-    for x, y, use_b in data[2:]:
-        stack_loss(model, x, y, use_b).backward()
-        obs.end_micro_step()
-    assert acc.window.state is State.FINISHED
-    obs.check(model, 1 / 3)
 
 
 def test_copies_and_remove_are_plain():
