@@ -240,7 +240,10 @@ class GradAccumulator:
         elif w.state is State.STEPPED:
             self._new_window()
         w.closing = w.done == self.steps - 1 or (self._window_end is not None and bool(self._window_end()))
-        fuse = w.closing and w.context < 0 and self._reducer.fuses_last_pass and w.micro > 0 and self._fuse
+        # Armed fused layers (see armed_writes) write with no call back, so no bucket can tell when it is
+        # complete: the last pass is then one finalize per segment after backward, not in the launches.
+        fuse = (w.closing and w.context < 0 and self._reducer.fuses_last_pass and w.micro > 0 and self._fuse
+                and not self._capture.fused)
         scale = self._scales(w.weight_sum + w.weight) if fuse else None
         w.fused = w.micro if scale is not None else -1
         finalize.arm(self._buffers, scale)
@@ -248,10 +251,10 @@ class GradAccumulator:
     def armed_writes(self, slots: list[Slot]) -> tuple[float, list[float]] | None:
         """Where this backward's fused weight grads go, for fused_linear to write them with no call back:
         the micro-step's weight, and each slot's beta (0 for the window's first grad, which stores). None
-        where each must come through write_fused: the window's last micro-step (its buckets finalize as
-        their grads arrive) and micro_step() contexts (several backwards make one micro-step)."""
+        where each must come through write_fused: micro_step() contexts (several backwards make one
+        micro-step), and the window's last micro-step under a reducer that sends buckets as they complete."""
         w = self.window
-        if w.state is not State.OPEN or w.closing or w.context >= 0:
+        if w.state is not State.OPEN or w.context >= 0 or (w.closing and not self._reducer.fuses_last_pass):
             return None
         return w.weight, [0.0 if s.window != w.id else 1.0 for s in slots]
 

@@ -1,8 +1,9 @@
 """Finalize: scale by 1/sum(w) and 1/loss scale, flag inf/NaN, norm partials, cast.
 
 Either the last micro-step's own launches do it (`arm`, then layout.Bucket.flush with
-accumulate_finalize_), or one pass per segment runs afterwards (`whole_pass`). Slots the fused launches
-did not reach are finished one by one (`slot`).
+accumulate_finalize_), or one pass per segment runs afterwards (`whole_pass`: after a window that ends
+early, under data parallel, and where fused_linear's layers are armed, whose grads bypass the
+launches). Slots the fused launches did not reach are finished one by one (`slot`).
 """
 from __future__ import annotations
 

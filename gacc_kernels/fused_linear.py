@@ -11,13 +11,15 @@ first grad), w (the micro-step's weight) and where the grad goes (GradAccumulato
 The layer's autograd Function is C++ (csrc/fused_linear.cpp), so that its host cost is at most a stock
 linear's: forward is F.linear; backward computes the input and bias grads as stock does and returns no
 weight grad to autograd. The weight grad goes one of two ways:
-    armed   in the window's micro-steps but its last, capture arms the layers at the backward's start
-            with where each grad goes (slot, beta, alpha; Capture._arm), and the C++ backward writes it
-            there without a call into Python; gacc counts those grads at the backward's end, and their
-            buckets launch the other grads they hold then
-    called  otherwise (the last micro-step, whose buckets finalize as their grads arrive; a second grad
-            of a layer in one backward; backward(inputs=...) and torch.autograd.grad; a reentrant
-            checkpoint's inner backward), one Python call, _weight_grad, with dY and X
+    armed   capture arms the layers at the backward's start with where each grad goes (slot, beta,
+            alpha; Capture._arm), and the C++ backward writes it there without a call into Python; gacc
+            counts those grads at the backward's end, and their buckets launch the other grads they hold
+            then. In the window's last micro-step this means one finalize pass after backward, not in
+            the bucket launches, so data parallel (whose buckets go on the wire as they complete) arms
+            all micro-steps but the last
+    called  otherwise (data parallel's last micro-step; micro_step() contexts; a second grad of a layer
+            in one backward; backward(inputs=...) and torch.autograd.grad; a reentrant checkpoint's
+            inner backward), one Python call, _weight_grad, with dY and X
 A graph made before remove() gives autograd the weight grad, as stock would.
 
 Fused: each module of type exactly nn.Linear (not subclasses: LoRA, quantized layers) whose weight is

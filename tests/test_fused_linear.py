@@ -255,22 +255,42 @@ class SharedAcrossCheckpoint(torch.nn.Module):
         return checkpoint(lambda t: F.linear(F.gelu(self.other(t)), self.lin.weight), h, use_reentrant=True)
 
 
+def called_only(monkeypatch, before=lambda: None):
+    """Fused layers whose GEMM is wrapped in Python (calling `before` first): they are never armed, so
+    every weight grad takes the called path, and the last micro-step's launches finalize."""
+    gemm_for = fused_linear.gemm_for
+
+    def wrapped(device, dtype):
+        gemm = gemm_for(device, dtype)
+
+        def write(out, dy, x, beta, alpha):
+            before()
+            gemm(out, dy, x, beta, alpha)
+        return write
+    monkeypatch.setattr(fused_linear, "gemm_for", wrapped)
+
+
 @pytest.mark.parametrize("device", DEVICES)
-def test_hook_grad_then_fused_write_in_one_micro_step(device):
-    """K=2: in the first window's last micro-step the fused pass has finalized the hook grad when the
-    fused write comes (added apart, then the fused pass stays off); later windows flush, then add."""
+@pytest.mark.parametrize("path", ["called", "armed"])
+def test_hook_grad_then_fused_write_in_one_micro_step(device, path, monkeypatch):
+    """K=2, three windows. Called: in the first window's last micro-step the fused pass has finalized the
+    hook grad when the fused write comes (added apart, then the fused pass stays off); later windows
+    flush, then add. Armed: the hook grad disarms the layer, whose write then comes through Python."""
+    if path == "called":
+        called_only(monkeypatch)
     torch.manual_seed(0)
     model = SharedAcrossCheckpoint().to(device, torch.bfloat16)
     obs = Observed(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     acc = gacc_kernels.attach(model, opt, steps=2, fuse_linear=True)
+    assert len(acc._capture.fused) == (0 if path == "called" else 2)
     for _ in range(3):
         for _ in range(2):
             x = torch.randn(6, 16, device=device, dtype=torch.bfloat16, requires_grad=True)
             model(x).float().square().mean().backward()
             obs.end_micro_step()
         assert obs.got_grad[obs.index[id(model.lin.weight)]]
-        assert not acc._fuse
+        assert acc._fuse == (path == "armed")
         obs.check(model, 1 / 2)
         opt.zero_grad()
 
@@ -465,25 +485,20 @@ def test_a_graph_made_before_remove_gives_its_weight_grad_to_autograd(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("path", ["called", "armed"])
 def test_a_fused_write_that_raises_breaks_the_window_until_zero_grad(device, path, monkeypatch):
-    """A fused GEMM raises in the window's second micro-step, under the C++ backward: through Python (the
-    last micro-step of a K=2 window, an OutOfMemoryError that reaches the caller as itself), or armed (a
+    """A fused GEMM raises in the window's second micro-step, under the C++ backward: through Python (a
+    wrapped GEMM, in the last micro-step of a K=2 window, an OutOfMemoryError that reaches the caller as
+    itself), or armed (a
     K=3 window, the head's slot swapped for a tensor of the wrong shape: the backward's first grad, so
     only the armed write's own mark tells gacc that some of it may be in). The window refuses until
     zero_grad; the next one is exact."""
     fail = [False]
     if path == "called":
         steps, error, match = 2, torch.OutOfMemoryError, "could not allocate"
-        gemm_for = fused_linear.gemm_for
 
-        def failing(device_, dtype):
-            gemm = gemm_for(device_, dtype)
-
-            def write(out, dy, x, beta, alpha):
-                if fail[0]:
-                    raise torch.OutOfMemoryError("the fused GEMM could not allocate")
-                gemm(out, dy, x, beta, alpha)
-            return write
-        monkeypatch.setattr(fused_linear, "gemm_for", failing)
+        def oom():
+            if fail[0]:
+                raise torch.OutOfMemoryError("the fused GEMM could not allocate")
+        called_only(monkeypatch, oom)
     else:
         steps, error, match = 3, RuntimeError, None
         arm = fused_linear.arm
@@ -515,8 +530,9 @@ def test_a_fused_write_that_raises_breaks_the_window_until_zero_grad(device, pat
     obs.check(model, 1 / steps)
 
 
-def python_calls(acc, monkeypatch):
-    """The routes of acc's fused layers each time one's weight grad comes through Python (_weight_grad)."""
+def python_calls(acc, setitem):
+    """The routes of acc's fused layers each time one's weight grad comes through Python (_weight_grad).
+    setitem(dict, key, value): monkeypatch.setitem, or dict.__setitem__ in a worker process."""
     calls = []
     for route in acc._capture.fused.values():
         weight_grad = fused_linear._routes[route]
@@ -524,21 +540,21 @@ def python_calls(acc, monkeypatch):
         def counted(dy, x, route=route, weight_grad=weight_grad):
             calls.append(route)
             return weight_grad(dy, x)
-        monkeypatch.setitem(fused_linear._routes, route, counted)
+        setitem(fused_linear._routes, route, counted)
     return calls
 
 
 @pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
 @pytest.mark.parametrize("device", DEVICES)
-def test_armed_layers_make_no_python_call_but_in_the_last_micro_step(device, monkeypatch):
-    """In the window's micro-steps but its last, the C++ backward writes each fused weight grad itself
-    (stored, then added, with the micro-step's weight); in the last, each comes through Python, where its
-    bucket finalizes. Backwards with create_graph=True (an armed micro-step and the last) leave the
-    buffer in no graph. Two windows, with stale NaN in every slot before each."""
+def test_armed_layers_make_no_python_call(device, monkeypatch):
+    """On one process the C++ backward writes each fused weight grad itself (stored, then added, with the
+    micro-step's weight), also in the window's last micro-step, after which one pass finalizes. Backwards
+    with create_graph=True leave the buffer in no graph. Two windows, with stale NaN in every slot
+    before each."""
     model = make_stack(device, torch.bfloat16)
     obs = Observed(model)
     acc = gacc_kernels.attach(model, torch.optim.SGD(trainable(model), lr=0.0), steps=3, fuse_linear=True)
-    calls = python_calls(acc, monkeypatch)
+    calls = python_calls(acc, monkeypatch.setitem)
     assert len(acc._capture.fused) == 5  # fc1, fc2, b, head; never, which no micro-step uses
     weights = [2.0, 0.5, 3.0]
     for seed in (1, 2):
@@ -548,8 +564,7 @@ def test_armed_layers_make_no_python_call_but_in_the_last_micro_step(device, mon
             stack_loss(model, x, y, use_b).backward(create_graph=i > 0)
             obs.end_micro_step(w)
             assert not acc._buffers[0].buf.requires_grad
-            assert len(calls) == (4 if i == 2 else 0), f"micro-step {i}: {len(calls)} calls into Python"
-            calls.clear()
+            assert not calls, f"micro-step {i}: {len(calls)} calls into Python"
         assert acc.window.state is State.FINISHED
         obs.check(model, 1 / sum(weights))
         acc.optimizer.zero_grad()
@@ -573,7 +588,7 @@ def test_a_backward_with_inputs_takes_the_called_path(device, monkeypatch):
                 stock[j] = p.grad.double() / 2 + (0 if stock[j] is None else stock[j])
             p.grad = None
     acc = gacc_kernels.attach(model, torch.optim.SGD(trainable(model), lr=0.1), steps=2, fuse_linear=True)
-    calls = python_calls(acc, monkeypatch)
+    calls = python_calls(acc, monkeypatch.setitem)
     poison(acc)
     stack_loss(model, *data[0]).backward(inputs=inputs(model))
     route = {s.param: r for s, r in acc._capture.fused.items()}
@@ -611,10 +626,12 @@ class TwoLinears(torch.nn.Module):
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_bucket_is_ready_once_when_every_slot_has_its_grad(device, monkeypatch):
     """Fused writes count for a bucket's completion (what an overlapped all-reduce starts on), and a
-    count left by a micro-step in which a slot went unused does not carry into the next."""
+    count left by a micro-step in which a slot went unused does not carry into the next. The reducer
+    sends buckets as they complete, as AllReduce does: the last micro-step takes the called path."""
     torch.manual_seed(0)
     model = TwoLinears().to(device, torch.bfloat16)
     acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2, fuse_linear=True)
+    monkeypatch.setattr(acc._reducer, "fuses_last_pass", False)
     (bucket,) = acc._buffers[0].buckets
     ready = []
 
@@ -743,7 +760,8 @@ def test_layers_that_add_into_main_grad_themselves(device):
 class TiedTwice(torch.nn.Module):
     """`mid` is used twice; `head` shares the embedding's weight. With bucket_bytes=2000 each weight has
     its own bucket, which goes on the wire with its first grad of the last micro-step (in the first
-    window, before the reducer learns that these buckets get two): both later grads are reduced apart."""
+    window, before the reducer learns that these buckets get two): both later grads are reduced apart.
+    The other micro-steps are armed: only mid's second write in a backward comes through Python."""
 
     def __init__(self):
         super().__init__()
@@ -763,11 +781,15 @@ def _data_parallel(rank, world):
     model = TiedTwice().to(torch.bfloat16)
     obs = Observed(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    gacc_kernels.attach(model, opt, steps=2, bucket_bytes=2000, process_group=dist.group.WORLD, fuse_linear=True)
+    acc = gacc_kernels.attach(model, opt, steps=2, bucket_bytes=2000, process_group=dist.group.WORLD,
+                              fuse_linear=True)
+    calls = python_calls(acc, dict.__setitem__)
     for window in range(2):
-        for x, y in batches("lm", 2, "cpu", seed=10 * window + rank):
+        for i, (x, y) in enumerate(batches("lm", 2, "cpu", seed=10 * window + rank)):
             loss_fn("lm", model, x, y).backward()
             obs.end_micro_step()
+            assert len(calls) == (3 if i == 1 else 1), f"micro-step {i}: {len(calls)} calls into Python"
+            calls.clear()
         for t, a in zip(obs.total, obs.abs):  # the sum over the ranks
             if t is not None:
                 dist.all_reduce(t)
