@@ -140,12 +140,15 @@ def peak_and_error(model, data, variant, ref, ref_norm):
     return peak, err.item(), worst
 
 
-def timed_ms(setup: Setup, data) -> float:
+def timed_ms(setup: Setup, data) -> tuple[float, float]:
+    """The window's wall time, and the CPU time of the whole process (every thread: autograd runs CUDA
+    backwards on its own) during it, in ms. Host-bound, the second is the host's work without the
+    preemption and waits that make the first vary from round to round."""
     torch.cuda.synchronize()
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     setup.window(data)
     torch.cuda.synchronize()
-    return (time.perf_counter() - t) * 1e3
+    return (time.perf_counter() - t) * 1e3, (time.process_time() - cpu) * 1e3
 
 
 def median_ci(values: list[float]) -> tuple[float, float, float]:
@@ -185,18 +188,23 @@ def main() -> None:
     for setup in setups.values():  # warm-up
         setup.window(data)
     times = {v: [] for v in variants}
+    cpu = {v: [] for v in variants}
     for rnd in range(args.rounds):
         for v in variants[rnd % len(variants):] + variants[:rnd % len(variants)]:
-            times[v].append(timed_ms(setups[v], data))
+            wall, host = timed_ms(setups[v], data)
+            times[v].append(wall)
+            cpu[v].append(host)
 
     tokens = args.k * args.micro * args.seq
     rows = []
     for v in variants:
         ms = statistics.median(times[v])
         ratio, lo, hi = median_ci([t / s for t, s in zip(times[v], times[STOCK])])
+        cpu_ratio, cpu_lo, cpu_hi = median_ci([t / s for t, s in zip(cpu[v], cpu[STOCK])])
         peak, err, worst = measured[v]
         rows.append([v, f"{ms:.0f}", f"{min(times[v]):.0f}", f"{max(times[v]):.0f}",
-                     f"{ratio:.3f} ({lo:.3f}-{hi:.3f})", tokens / ms * 1e3, peak, err, worst])
+                     f"{ratio:.3f} ({lo:.3f}-{hi:.3f})", tokens / ms * 1e3, f"{statistics.median(cpu[v]):.0f}",
+                     f"{cpu_ratio:.3f} ({cpu_lo:.3f}-{cpu_hi:.3f})", peak, err, worst])
     md = [f"# End to end: LlamaForCausalLM, {n / 1e9:.3f} B parameters, bf16, K={args.k}\n\n{stamp()}\n",
           __doc__,
           (f"Micro-batch {args.micro} x {args.seq} tokens, eager attention (deterministic backward), "
@@ -206,9 +214,11 @@ def main() -> None:
            "parameters, and the worst per-tensor max|g - g64| / max|g64|.\n"),
           (f"Timing: {args.rounds} rounds after a warm-up window, one window per variant per round, each timed "
            f"with a sync on both sides. Time / {STOCK}: the median over rounds of the ratio within a round, "
-           "with a distribution-free 95% confidence interval of that median.\n"),
+           "with a distribution-free 95% confidence interval of that median. Host CPU: the process's CPU time "
+           "(all threads) during the window, and its ratio to stock's in the same way.\n"),
           table(["variant", "ms / optimizer step (median)", "min", "max", f"time / {STOCK} (95% CI)",
-                 "tokens/s", "peak GiB incl. buffers", "rel. L2 error", "worst max error"], rows)]
+                 "tokens/s", "host CPU ms", f"host CPU / {STOCK} (95% CI)", "peak GiB incl. buffers",
+                 "rel. L2 error", "worst max error"], rows)]
     write_report(args.out, f"e2e_k{args.k}_{args.micro}x{args.seq}.md", md)
 
 
