@@ -6,6 +6,7 @@
 //           dY and X and does the bookkeeping and the GEMM, or returns the grad for autograd.
 // It is C++ so that a layer costs the host no more than a stock linear: one node, and in the armed case
 // one GEMM in place of stock's GEMM and add.
+#include <ATen/autocast_mode.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/graph_task.h>
@@ -127,20 +128,39 @@ bool unpack_route(PyObject* obj, int64_t* route) {
   return !(*route == -1 && PyErr_Occurred());
 }
 
-// _C.fused_linear(x, weight, bias or None, route) -> Tensor
+// _C.fused_linear(x, weight, bias or None, route) -> Tensor, or None where the caller runs stock F.linear:
+// grad mode off, an argument that is not a tensor (an FX proxy), autocast to a dtype other than the
+// weight's, or dtypes that differ. These checks are here, not in Python, for the host's sake.
 PyObject* fused_linear(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   TORCH_CHECK(nargs == 4, "fused_linear(x, weight, bias, route) takes 4 arguments");
   TORCH_CHECK(weight_grad_callback != nullptr, "fused_linear: set_weight_grad was not called");
-  TORCH_CHECK(THPVariable_Check(args[0]) && THPVariable_Check(args[1]), "fused_linear: x and weight must be tensors");
-  TORCH_CHECK(args[2] == Py_None || THPVariable_Check(args[2]), "fused_linear: bias must be a tensor or None");
+  if (!at::GradMode::is_enabled() || !THPVariable_Check(args[0]) || !THPVariable_Check(args[1]) ||
+      (args[2] != Py_None && !THPVariable_Check(args[2]))) {
+    Py_RETURN_NONE;
+  }
   int64_t route = 0;
   if (!unpack_route(args[3], &route)) {
     return nullptr;
   }
+  at::Tensor x = THPVariable_Unpack(args[0]);
+  const at::Tensor& weight = THPVariable_Unpack(args[1]);
   const std::optional<at::Tensor> bias =
       args[2] == Py_None ? std::nullopt : std::optional<at::Tensor>(THPVariable_Unpack(args[2]));
-  return THPVariable_Wrap(FusedLinear::apply(THPVariable_Unpack(args[0]), THPVariable_Unpack(args[1]), bias, route));
+  const auto device_type = x.device().type();
+  if (at::autocast::is_autocast_enabled(device_type)) {  // F.linear would cast x (but float64) to this dtype
+    const auto cast = at::autocast::get_autocast_dtype(device_type);
+    if (cast != weight.scalar_type()) {
+      Py_RETURN_NONE;
+    }
+    if (x.is_floating_point() && x.scalar_type() != at::kDouble) {
+      x = x.to(cast);
+    }
+  }
+  if (x.scalar_type() != weight.scalar_type() || (bias && bias->scalar_type() != weight.scalar_type())) {
+    Py_RETURN_NONE;
+  }
+  return THPVariable_Wrap(FusedLinear::apply(x, weight, bias, route));
   END_HANDLE_TH_ERRORS
 }
 

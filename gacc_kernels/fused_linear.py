@@ -139,18 +139,11 @@ def why_none_fused() -> str:
 def _forward(module: torch.nn.Linear, param: torch.Tensor, route: int) -> Callable[[torch.Tensor], torch.Tensor]:
     def forward(x: torch.Tensor) -> torch.Tensor:
         w, b = module.weight, module.bias
-        if torch.compiler.is_compiling() or not torch.is_grad_enabled() or w is not param or w._backward_hooks:
-            return F.linear(x, w, b)
-        kind = x.device.type
-        if torch.is_autocast_enabled(kind):  # F.linear casts its floating inputs but float64 to this dtype
-            cast = torch.get_autocast_dtype(kind)
-            if cast != w.dtype:
-                return F.linear(x, w, b)
-            if x.is_floating_point() and x.dtype != torch.float64:
-                x = x.to(cast)
-        if x.dtype != w.dtype or (b is not None and b.dtype != w.dtype):
-            return F.linear(x, w, b)
-        return _C.fused_linear(x, w, b, route)
+        if w is param and not w._backward_hooks and not torch.compiler.is_compiling():
+            y = _C.fused_linear(x, w, b, route)  # None: no grad mode, autocast to another dtype, mixed dtypes
+            if y is not None:
+                return y
+        return F.linear(x, w, b)
     return forward
 
 

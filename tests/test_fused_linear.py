@@ -384,6 +384,28 @@ def test_forward_input_and_bias_grads_are_stock_linear(device, bias, shape):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_what_the_fused_forward_leaves_to_stock_linear(device):
+    """The C++ forward returns None, and the layer runs F.linear, under no_grad and inference_mode (no
+    graph, stock bits) and for an input of another dtype (F.linear's own error); otherwise it fuses."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(37, 53).to(device, torch.bfloat16)
+    ref = copy.deepcopy(lin)
+    gacc_kernels.attach(lin, torch.optim.SGD(lin.parameters(), lr=0.1), steps=2, fuse_linear=True)
+    x = torch.randn(3, 37, device=device, dtype=torch.bfloat16)
+    assert "FusedLinear" in lin(x).grad_fn.name()
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            y = lin(x)
+            assert y.grad_fn is None and torch.equal(y, ref(x))
+    errors = []
+    for m in (lin, ref):
+        with pytest.raises(RuntimeError) as raised:
+            m(x.float())
+        errors.append(str(raised.value))
+    assert errors[0] == errors[1]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cast, fused", [(torch.bfloat16, True), (torch.float16, False)], ids=["same", "other"])
 def test_autocast(device, cast, fused):
     """Autocast to the weights' dtype: an fp32 input is cast as F.linear would and the layer is fused;
