@@ -509,10 +509,9 @@ def test_a_graph_made_before_remove_gives_its_weight_grad_to_autograd(device):
 def test_a_fused_write_that_raises_breaks_the_window_until_zero_grad(device, path, monkeypatch):
     """A fused GEMM raises in the window's second micro-step, under the C++ backward: through Python (a
     wrapped GEMM, in the last micro-step of a K=2 window, an OutOfMemoryError that reaches the caller as
-    itself), or armed (a
-    K=3 window, the head's slot swapped for a tensor of the wrong shape: the backward's first grad, so
-    only the armed write's own mark tells gacc that some of it may be in). The window refuses until
-    zero_grad; the next one is exact."""
+    itself), or armed (a K=3 window, the head's slot swapped for a tensor of the wrong shape: the
+    backward's first grad, so only the armed write's own mark tells gacc that some of it may be in). The
+    window refuses until zero_grad; the next one is exact."""
     fail = [False]
     if path == "called":
         steps, error, match = 2, torch.OutOfMemoryError, "could not allocate"
