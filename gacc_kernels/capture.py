@@ -124,7 +124,7 @@ class Capture:
         if slot is None:
             armed, self._armed = self._armed, None
         else:
-            route = self.fused.get(slot)
+            route = self.fused[slot]
             if route not in self._armed:
                 return
             armed = {route: self._armed.pop(route)}
@@ -146,7 +146,7 @@ class Capture:
             g = local(g)
         if self.task is None:  # a backward that did not pass through the model's outputs
             self._begin(accumulated=True)
-        if self._armed is not None:  # a fused layer's weight that got a grad through autograd
+        if self._armed is not None and slot in self.fused:  # a fused layer's weight, grad through autograd
             self._disarm(slot)
         index = slot.buffer.cuda_index
         stream = None if index is None else torch._C._cuda_getCurrentRawStream(index)  # what Triton uses
@@ -158,7 +158,7 @@ class Capture:
         """A grad that goes straight into the slot, not through p.grad: GradAccumulator.write_fused."""
         if self.task is None:
             self._begin(accumulated=write is None)
-        if self._armed is not None:
+        if self._armed is not None and slot in self.fused:
             self._disarm(slot)
         self.delivered = True
         self.sink.write_fused(slot, write)
