@@ -25,9 +25,9 @@ def log(message):
 
 
 def read_chunk():
-    """CHUNK from gacc_kernels/reference.py, its one definition, read from the text (importing the
+    """CHUNK from gacc_kernels/kernels/reference.py, its one definition, read from the text (importing the
     package would import torch and the extension being built); the C++/CUDA code gets it as GACC_CHUNK."""
-    path = os.path.join(HERE, "gacc_kernels", "reference.py")
+    path = os.path.join(HERE, "gacc_kernels", "kernels", "reference.py")
     with open(path, encoding="utf-8") as f:
         found = re.findall(r"^CHUNK\s*=\s*(\d+)\b", f.read(), flags=re.MULTILINE)
     if len(found) != 1:

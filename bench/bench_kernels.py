@@ -10,7 +10,7 @@ import os
 import torch
 
 from common import gbps, stamp, table, time_ms, write_report
-from gacc_kernels import ops, reference, triton_ops
+from gacc_kernels.kernels import ops, reference, triton_ops
 
 
 def main() -> None:

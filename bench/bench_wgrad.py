@@ -24,8 +24,8 @@ import argparse
 import torch
 
 from common import stamp, table, time_ms, write_report
-from gacc_kernels import ops
-from gacc_kernels.reference import CHUNK
+from gacc_kernels.kernels import ops
+from gacc_kernels.kernels.reference import CHUNK
 
 LAYERS = 16
 SHAPES = {"q": (2048, 2048), "k": (512, 2048), "v": (512, 2048), "o": (2048, 2048), "gate": (8192, 2048),

@@ -11,7 +11,7 @@ import torch
 from torch.utils.cpp_extension import load_inline
 
 from common import gbps, stamp, time_ms
-from gacc_kernels import reference, triton_ops
+from gacc_kernels.kernels import reference, triton_ops
 
 CUDA = r"""
 #include <torch/extension.h>

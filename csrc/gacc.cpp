@@ -1,6 +1,6 @@
 // Op schemas, argument checks and CPU implementations of the gacc ops, plus the Python module
 // stub that makes `import gacc_kernels._C` load this library (and so register the ops).
-// The math follows gacc_kernels/reference.py: fp32, one rounding per step, no FMA (this file is
+// The math follows gacc_kernels/kernels/reference.py: fp32, one rounding per step, no FMA (this file is
 // compiled with -ffp-contract=off).
 #include <Python.h>
 
@@ -353,7 +353,7 @@ TORCH_LIBRARY_IMPL(gacc, CPU, m) {
 
 // `import gacc_kernels._C` loads this library, which runs the registrations above. The ops are
 // reached through torch.ops.gacc; the module holds CHUNK, the chunk size compiled in, which
-// gacc_kernels/ops.py compares with reference.CHUNK at load time, and fused_linear's functions.
+// gacc_kernels/kernels/ops.py compares with reference.CHUNK at load time, and fused_linear's functions.
 PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, gacc::python_methods};
   PyObject* module = PyModule_Create(&module_def);

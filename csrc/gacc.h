@@ -36,7 +36,7 @@ void check_accumulate_finalize(
     const at::Tensor& norm_partials);
 
 // accumulate_finalize_ works in chunks of this many elements: one norm partial per chunk.
-// Defined once, as CHUNK in gacc_kernels/reference.py; setup.py passes it as -DGACC_CHUNK.
+// Defined once, as CHUNK in gacc_kernels/kernels/reference.py; setup.py passes it as -DGACC_CHUNK.
 #ifndef GACC_CHUNK
 #error "GACC_CHUNK is not defined: build with setup.py, which passes -DGACC_CHUNK=<gacc_kernels.reference.CHUNK>"
 #endif

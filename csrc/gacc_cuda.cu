@@ -1,6 +1,6 @@
 // CUDA implementations of the gacc ops (schemas and argument checks are in gacc.cpp).
 // Every fp32 multiply and add is an explicitly rounded intrinsic (__fmul_rn, __fadd_rn), so the
-// compiler cannot fuse them into FMAs and the results match gacc_kernels/reference.py bit for bit.
+// compiler cannot fuse them into FMAs and the results match gacc_kernels/kernels/reference.py bit for bit.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -24,7 +24,7 @@ namespace {
 constexpr int kThreads = 256;  // threads per block; block_sum relies on it
 constexpr int kItem = 4;  // elements per thread
 constexpr int kChunk = kThreads * kItem;  // elements per block
-// kFinalizeChunk is CHUNK in gacc_kernels/reference.py: changing it there means changing kThreads or kItem here.
+// kFinalizeChunk is CHUNK in gacc_kernels/kernels/reference.py: changing it there means changing kThreads or kItem here.
 static_assert(kChunk == kFinalizeChunk, "kThreads * kItem must equal GACC_CHUNK: one norm partial per block");
 constexpr int kMaxTensorsPerLaunch = 64;  // tensors per accumulate_many_ launch
 

@@ -4,7 +4,7 @@
     acc = gacc_kernels.attach(model, optimizer, steps=K)
 """
 from .accumulator import GradAccumulator, attach
-from .ops import accumulate_, accumulate_many_, finalize_, report, scale_
+from .kernels.ops import accumulate_, accumulate_many_, finalize_, report, scale_
 
 __all__ = ["GradAccumulator", "attach", "accumulate_", "accumulate_many_", "finalize_", "scale_", "report"]
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
 """python -m gacc_kernels: which implementation each op uses on this machine, and why."""
-from .ops import report
+from .kernels.ops import report
 
 print(report())

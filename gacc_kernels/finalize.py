@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from . import ops
+from .kernels import ops
 from .layout import DeviceBuffer, Slot
-from .reference import CHUNK
+from .kernels.reference import CHUNK
 
 
 def arm(buffers: list[DeviceBuffer], scales: list[torch.Tensor] | None) -> None:

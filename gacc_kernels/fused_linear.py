@@ -39,7 +39,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from . import ops
+from .kernels import ops
 from .layout import Slot
 from .patch import plain_copies, set_attr
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from . import ops
-from .reference import CHUNK
+from .kernels import ops
+from .kernels.reference import CHUNK
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from gacc_kernels import ops, reference
+from gacc_kernels.kernels import ops, reference
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 SIZES = [1, 2, 7, 127, 129, 4095, 4097, 65537]
@@ -29,7 +29,7 @@ def _op(backend, name):
         if ops.EXTENSION_ERROR is not None:
             pytest.fail(f"extension not loaded: {ops.EXTENSION_ERROR}")  # CI builds it: a failure, not a skip
         return getattr(torch.ops.gacc, name)
-    from gacc_kernels import triton_ops
+    from gacc_kernels.kernels import triton_ops
     return getattr(triton_ops, name)
 
 

@@ -14,7 +14,7 @@ OPS = ("accumulate_", "accumulate_many_", "finalize_", "scale_", "accumulate_fin
 
 REBUILD = "rebuild it (pip install --no-build-isolation -e .)"
 try:
-    from . import _C  # registers torch.ops.gacc.*
+    from .. import _C  # registers torch.ops.gacc.*
 
     if getattr(_C, "CHUNK", None) != reference.CHUNK:  # a stale build, from before CHUNK changed
         EXTENSION_ERROR = (f"C++ extension not used: built with CHUNK={getattr(_C, 'CHUNK', None)}, but "
