@@ -1,7 +1,9 @@
 """Per micro-step host vs GPU timeline (CUDA events aligned to the host clock after a sync).
 
-The script that made timeline.txt (and before/timeline.txt), run from the repository root as
-`python timeline.py` with this file copied there; K and R (rounds) from the environment.
+The script that made timeline.txt in bench/results/h100-2026-11-23-armed/ (before/timeline.txt there ran the
+same statements) and in bench/results/h100-2026-11-23-armed-last/; K and R (rounds) from the environment:
+
+    K=8 R=6 python bench/analysis/timeline.py > timeline.txt   (CUDA, gacc_kernels installed)
 """
 import os
 import statistics
@@ -10,7 +12,7 @@ import time
 
 import torch
 
-sys.path.insert(0, "bench")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # bench/, for bench_e2e
 from bench_e2e import Setup, build, loss_of, micro_batches
 
 K = int(os.environ.get("K", "8"))

@@ -1,4 +1,10 @@
-"""Host cost per layer of forward and backward: stock nn.Linear, the hook path, fuse_linear (armed)."""
+"""Host cost per layer of forward and backward: stock nn.Linear, the hook path, fuse_linear (armed).
+
+The script that made hostcost.txt in bench/results/h100-2026-11-23-armed-last/ and
+bench/results/h100-2026-11-24-cpp-forward/:
+
+    python bench/analysis/hostcost.py > hostcost.txt   (CUDA, gacc_kernels installed with its extension)
+"""
 import statistics
 import time
 
@@ -6,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import gacc_kernels
-from gacc_kernels import ops
+from gacc_kernels.kernels import ops
 
 C = ops.extension
 

@@ -1,5 +1,10 @@
 """Host cost per call of the fused GEMM against stock mm (tiny, so the GPU waits), and a CPU profile per op.
-(The ad-hoc script of this profile, lint-formatted; the same statements as ran.)"""
+
+The ad-hoc script of bench/results/h100-2026-11-23-cpp-fused/profile/ (lint-formatted; the same statements
+as ran there, on commit 99fd4fa). It writes host_ops.txt and prof_<mode>.txt into $OUT:
+
+    OUT=DIR python bench/analysis/host_ops.py   (CUDA, gacc_kernels installed)
+"""
 import os
 import sys
 import time
@@ -7,7 +12,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, "bench")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # bench/, for bench_e2e
 import gacc_kernels
 from bench_e2e import build, loss_of
 
