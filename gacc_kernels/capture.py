@@ -55,7 +55,7 @@ class Capture:
         self.delivered = False        # it gave a parameter a grad
         self._lock = threading.Lock()  # parameters on several devices get hooks on several threads
         self._nodes: list | None = None
-        self.fused: dict[Slot, int] = {}  # fused_linear's layers that can be armed: slot -> route
+        self.routes: dict[Slot, int] = {}  # fused_linear's layers that can be armed: slot -> route
         self._armed: dict[int, Slot] | None = None  # those armed for the backward in progress
 
     def install(self, undo: contextlib.ExitStack) -> None:
@@ -65,8 +65,15 @@ class Capture:
         undo.callback(handle.remove)
         plain_copies(self.model, undo, forward_hook=handle.id)
 
+    def add_route(self, slot: Slot, route: int, undo: contextlib.ExitStack) -> None:
+        """A fused_linear layer that can be armed, until remove()."""
+        self.routes[slot] = route
+        undo.callback(self.routes.pop, slot)
+        undo.callback(fused_linear.disarm, [route])
+
     def check_idle(self) -> None:
         """Outside any backward: report a backward of ours that raised before its end."""
+        # private: the engine's graph task on this thread, -1 outside any backward
         if self.task is not None and torch._C._current_graph_task_id() == -1:
             self._disarm()
             delivered, self.task, self.delivered = self.delivered, None, False
@@ -105,14 +112,14 @@ class Capture:
 
     def _arm(self) -> None:
         """Arm the fused layers where the accumulator can say in advance where their grads go."""
-        if not self.fused:
+        if not self.routes:
             return
-        slots = list(self.fused)
+        slots = list(self.routes)
         where = self.sink.armed_writes(slots)
         if where is None:
             return
         alpha, betas = where
-        routes = list(self.fused.values())
+        routes = list(self.routes.values())
         fused_linear.arm(routes, [s.main for s in slots], betas, alpha, self.task)
         self._armed = dict(zip(routes, slots))
 
@@ -124,7 +131,7 @@ class Capture:
         if slot is None:
             armed, self._armed = self._armed, None
         else:
-            route = self.fused[slot]
+            route = self.routes[slot]
             if route not in self._armed:
                 return
             armed = {route: self._armed.pop(route)}
@@ -146,19 +153,20 @@ class Capture:
             g = local(g)
         if self.task is None:  # a backward that did not pass through the model's outputs
             self._begin(accumulated=True)
-        if self._armed is not None and slot in self.fused:  # a fused layer's weight, grad through autograd
+        if self._armed is not None and slot in self.routes:  # a fused layer's weight, grad through autograd
             self._disarm(slot)
         index = slot.buffer.cuda_index
-        stream = None if index is None else torch._C._cuda_getCurrentRawStream(index)  # what Triton uses
+        # private: the raw handle of the current stream, which is what Triton launches on
+        stream = None if index is None else torch._C._cuda_getCurrentRawStream(index)
         self.sink.grad_ready(slot, g, stream)
         self.delivered = True
         p.grad = None
 
     def fused_grad(self, slot: Slot, write) -> None:
-        """A grad that goes straight into the slot, not through p.grad: GradAccumulator.write_fused."""
+        """A grad that goes straight into the slot, not through p.grad: Events.write_fused."""
         if self.task is None:
             self._begin(accumulated=write is None)
-        if self._armed is not None and slot in self.fused:
+        if self._armed is not None and slot in self.routes:
             self._disarm(slot)
         self.delivered = True
         self.sink.write_fused(slot, write)
@@ -172,7 +180,7 @@ class Capture:
         """This backward adds into some parameter's .grad (torch.autograd.grad does not)."""
         if self._nodes is None:
             self._nodes = [torch.autograd.graph.get_gradient_edge(s.param).node for s in self.slots]
-        try:
+        try:  # private: whether the engine's current graph task runs this node
             return any(torch._C._will_engine_execute_node(n) for n in self._nodes)
         except RuntimeError:  # torch.autograd.grad() refuses leaf nodes here, and accumulates into none
             return False

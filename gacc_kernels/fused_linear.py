@@ -6,7 +6,7 @@ read 2, read and write 4 each; 8 in the window's first micro-step, which stores)
 of each micro-step's grad. Here the GEMM itself accumulates into the slot in fp32, main = beta * main
 + w * dY^T X (_C.weight_grad_into: on CUDA, addmm with out_dtype=float32): 8 bytes per element (4 when
 it stores), no bf16 grad, no rounding but fp32's. The accumulator decides beta (0 for the window's
-first grad), w (the micro-step's weight) and where the grad goes (GradAccumulator.write_fused).
+first grad), w (the micro-step's weight) and where the grad goes (events.Events.write_fused).
 
 The layer's autograd Function is C++ (csrc/fused_linear.cpp), so that its host cost is at most a stock
 linear's: forward is F.linear; backward computes the input and bias grads as stock does and returns no
@@ -119,9 +119,7 @@ def install(model: torch.nn.Module, slots: list[Slot], capture, undo: contextlib
             _routes[route] = _slot_weight_grad(capture, slot, gemm)
             undo.callback(_routes.pop, route)
             if gemm is _C.weight_grad_into:  # a wrapped GEMM (tests) takes every grad through Python
-                capture.fused[slot] = route
-                undo.callback(capture.fused.pop, slot)
-                undo.callback(disarm, [route])
+                capture.add_route(slot, route, undo)
             set_attr(module, "forward", _forward(module, slot.param, route), undo)
             plain_copies(module, undo, attrs=("forward",))
             fused += 1

@@ -7,6 +7,8 @@ elements, so a slot's partials are its own. A bucket is a contiguous range of on
 about `bucket_bytes` of incoming grads; its grads go into the buffer in one multi-tensor launch, as
 soon as every parameter of the bucket has delivered one (else at the end of backward), so a finished
 bucket is one tensor that a collective can take.
+
+Only this module assigns the fields of Slot, Bucket and DeviceBuffer; the other stages call their methods.
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ def contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
 class Slot:
     """One parameter's place in its device's flat buffer, and where it stands in the window."""
     __slots__ = ("param", "buffer", "segment", "bucket", "start", "order", "sharded", "shape", "numel",
-                 "strides", "contiguous", "main", "out", "window", "micro", "fused", "version")
+                 "strides", "contiguous", "main", "out", "window", "micro", "finalized_in", "version")
 
     def __init__(self, param: torch.nn.Parameter, buffer: DeviceBuffer, segment: int, start: int, order: int):
         self.param, self.buffer, self.segment, self.start = param, buffer, segment, start
@@ -57,9 +59,35 @@ class Slot:
         self.main: torch.Tensor  # its fp32 view of the buffer: p.main_grad once published
         self.out: torch.Tensor | None = None  # p.grad of a bf16/fp16 parameter, once finalized
         # Generation counters (see window.Window): the window and the micro-step of its last grad, and
-        # the micro-step whose fused launch finalized it. It holds a grad of window w iff window == w.
-        self.window = self.micro = self.fused = -1
+        # the micro-step whose own launch finalized it. It holds a grad of window w iff window == w.
+        self.window = self.micro = self.finalized_in = -1
         self.version = 0  # p.grad._version when published (in-place edits after that are seen)
+
+    def holds(self, window: int) -> bool:
+        """It holds a gradient of this window."""
+        return self.window == window
+
+    def is_repeat(self, micro: int) -> bool:
+        """It already got a grad in this micro-step (tied weights, reentrant checkpointing, micro_step())."""
+        return self.micro == micro
+
+    def take(self, window: int, micro: int) -> bool:
+        """Record a grad of this window and micro-step; True if it is the window's first (it stores)."""
+        store = self.window != window
+        self.window, self.micro = window, micro
+        return store
+
+    def load(self, window: int | None) -> None:
+        """As a checkpoint says: holding a gradient of `window`, or none."""
+        self.window = -1 if window is None else window
+
+    def set_out(self, out: torch.Tensor | None) -> None:
+        """p.grad of a bf16/fp16 parameter (None: none yet); its version is noted as published."""
+        self.out = out
+        self.version = 0 if out is None else out._version
+
+    def finalized(self, micro: int) -> bool:
+        return self.finalized_in == micro
 
     def view_of(self, flat: torch.Tensor, start: int) -> torch.Tensor:
         return flat.as_strided(self.shape, self.strides, flat.storage_offset() + start)
@@ -99,8 +127,10 @@ class Bucket:
         self.launch_last = ops.choose("accumulate_finalize_", buffer.device.type).impl
         self.stream = None  # the raw CUDA stream its pending grads were produced on
         self.repeats = False  # a parameter of it got two grads in one micro-step (tied, reentrant checkpoint)
-        self.on_wire = False  # its collective is in flight (reduce.AllReduce)
         self._clear()
+
+    def mark_repeats(self) -> None:
+        self.repeats = True
 
     def _clear(self) -> None:
         self.grads: list[torch.Tensor] = []  # 1-D, in the slots' memory order: what the kernel reads
@@ -109,27 +139,29 @@ class Bucket:
         self.pending: list[Slot] = []
         self.arrived: set[Slot] = set()  # slots with a grad since the last launch: launch when all have one
 
-    def add(self, slot: Slot, grad: torch.Tensor, store: bool, weight: float, stream) -> bool:
-        """Queue a grad; launch when the bucket is complete. True if it launched."""
+    def add(self, slot: Slot, grad: torch.Tensor, store: bool, weight: float, stream,
+            last: torch.Tensor | None) -> bool:
+        """Queue a grad; launch when the bucket is complete. True if it launched. `last`: the scale of
+        the last pass, where this micro-step's launches also finalize (finalize.Finalizer.armed)."""
         if self.grads and (grad.dtype != self.grads[0].dtype or stream != self.stream):
-            self.flush(weight)  # one launch takes one grad dtype, from one stream
+            self.flush(weight, last)  # one launch takes one grad dtype, from one stream
         self.stream = stream
         self.grads.append(grad if slot.contiguous and grad.is_contiguous() else slot.flat_view(grad))
         self.offsets.append(slot.start)
         self.store.append(store)
         self.pending.append(slot)
-        return self.arrive(slot, weight)
+        return self.arrive(slot, weight, last)
 
-    def arrive(self, slot: Slot, weight: float) -> bool:
+    def arrive(self, slot: Slot, weight: float, last: torch.Tensor | None) -> bool:
         """Count the slot's grad, queued or already written into the buffer (fused_linear); launch when
         every slot has one. True if that completed the bucket."""
         self.arrived.add(slot)
         if len(self.arrived) < len(self.slots):
             return False
-        self.flush(weight)
+        self.flush(weight, last)
         return True
 
-    def flush(self, weight: float) -> bool:
+    def flush(self, weight: float, last: torch.Tensor | None) -> bool:
         """Launch the pending grads into the buffer and free them. True if there were any. Either way the
         count of arrived slots starts again."""
         if not self.grads:
@@ -137,16 +169,16 @@ class Bucket:
             return False
         buffer = self.buffer
         _wait_for_producer(self)
-        fused = buffer.last_scale is not None and self.grads[0].dtype == self.dtype
-        if fused:  # the last micro-step: accumulate and finalize in one pass; a bf16/fp16 grad
-            # receives its parameter's result and becomes p.grad, so no new memory is taken
+        if last is not None and self.grads[0].dtype == self.dtype:
+            # the last micro-step: accumulate and finalize in one pass; a bf16/fp16 grad receives its
+            # parameter's result and becomes p.grad, so no new memory is taken
             write = self.dtype != torch.float32
-            self.launch_last(buffer.buf, self.grads, self.offsets, self.store, weight, buffer.last_scale,
+            self.launch_last(buffer.buf, self.grads, self.offsets, self.store, weight, last,
                              buffer.found_inf, buffer.partials, write)
             for slot, flat in zip(self.pending, self.grads):
-                slot.fused = slot.micro
+                slot.finalized_in = slot.micro
                 if write:
-                    slot.out = flat if flat.shape == slot.shape else flat.as_strided(slot.shape, slot.strides)
+                    slot.set_out(flat if flat.shape == slot.shape else flat.as_strided(slot.shape, slot.strides))
         else:
             self.launch(buffer.buf, self.grads, self.offsets, self.store, weight)
         self._clear()
@@ -206,6 +238,3 @@ class DeviceBuffer:
                 slot.bucket = bucket
         self.found_inf = torch.zeros(1, dtype=torch.float32, device=device)
         self.partials = torch.zeros(end // CHUNK, device=device)  # squared norm, one per CHUNK
-        # the cast of each bf16/fp16 segment by a separate finalize pass (p.grad are views of it)
-        self.outs: list[torch.Tensor | None] = [None] * len(self.segments)
-        self.last_scale: torch.Tensor | None = None  # set while the last micro-step finalizes as it goes

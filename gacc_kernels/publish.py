@@ -11,10 +11,11 @@ import warnings
 
 import torch
 
-from .layout import DeviceBuffer, Slot, local
+from .layout import Slot, local
 
 
-def publish(buffers: list[DeviceBuffer], slots: list[Slot], written: list[bool]) -> None:
+def publish(slots: list[Slot], written: list[bool], outs: dict[int, list[torch.Tensor | None]]) -> None:
+    """Give each written slot's parameter its result. outs: a whole pass's casts, by id of the buffer."""
     for slot, w in zip(slots, written):
         if not w:
             continue
@@ -25,17 +26,16 @@ def publish(buffers: list[DeviceBuffer], slots: list[Slot], written: list[bool])
             p.grad = p.main_grad
             continue
         if slot.out is None:  # a view of its segment's cast
-            slot.out = slot.view_of(buffer.outs[slot.segment], slot.start - begin)
+            slot.set_out(slot.view_of(outs[id(buffer)][slot.segment], slot.start - begin))
+        else:
+            slot.set_out(slot.out)
         p.grad = slot.for_param(slot.out)
-        slot.version = slot.out._version
-    for buffer in buffers:
-        buffer.last_scale = None
 
 
 def withdraw(slots: list[Slot]) -> None:
     """Take a window's result back from the parameters."""
     for slot in slots:
-        slot.out = None
+        slot.set_out(None)
         p = slot.param
         p.grad = None
         p.main_grad = None
@@ -45,7 +45,18 @@ def mark_current(slots: list[Slot]) -> None:
     """gacc itself changed p.grad and p.main_grad together (clipping)."""
     for slot in slots:
         if slot.out is not None:
-            slot.version = slot.out._version
+            slot.set_out(slot.out)
+
+
+def open_main_grads(slots: list[Slot], window: int) -> None:
+    """Parameters whose layers add their grad into p.main_grad themselves (grad_added_to_main_grad:
+    Transformer Engine's fuse_wgrad_accumulation, Megatron) see their slot as p.main_grad throughout
+    the window, zeroed as it opens, since those layers can only add."""
+    for slot in slots:
+        if not slot.holds(window):
+            slot.main.zero_()
+            slot.take(window, slot.micro)
+        slot.param.main_grad = slot.main
 
 
 def carry_in_place_edits(slots: list[Slot]) -> None:
@@ -55,9 +66,8 @@ def carry_in_place_edits(slots: list[Slot]) -> None:
     if not edited:
         return
     for s in edited:
-        s.out = local(s.param.grad)
+        s.set_out(local(s.param.grad))
         s.main.copy_(s.out)
-        s.version = s.out._version
     warnings.warn(
         f"p.grad of {len(edited)} bf16/fp16 parameters was changed in place after gacc finished the window "
         "(torch.nn.utils.clip_grad_norm_, say); p.main_grad now follows it, at its precision. "

@@ -24,8 +24,8 @@ def run_window(model, acc, kind, data, scaler=None, weights=None):
 
 def fused_last(acc, param):
     """The last micro-step's own launch finalized this parameter's slot."""
-    slot = next(s for s in acc._slots if s.param is param)
-    return acc.window.fused >= 0 and slot.fused == acc.window.fused
+    slot = next(s for s in acc._parts.events.slots if s.param is param)
+    return acc.window.finalizing >= 0 and slot.finalized_in == acc.window.finalizing
 
 
 def assert_grads_match(model, expected, rtol=2e-6):
@@ -332,7 +332,7 @@ def test_mixed_dtypes_in_one_model(device):
     acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=4)
     for x, y in data:
         loss(model, x, y).backward()
-    assert len(acc._buffers[0].segments) == 2
+    assert len(acc._parts.events.buffers[0].segments) == 2
     assert_grads_match(model, weighted_mean(grads))
 
 
@@ -352,7 +352,7 @@ def test_parameters_on_cpu_and_cuda_in_one_model():
     acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=3)
     for x, y in data:
         loss(model, x, y).backward()
-    assert len(acc._buffers) == 2
+    assert len(acc._parts.events.buffers) == 2
     for p, e in zip(model.parameters(), weighted_mean(grads)):
         torch.testing.assert_close(p.grad.double().cpu(), e, rtol=1e-5, atol=1e-8)
 
@@ -544,7 +544,7 @@ def test_a_second_grad_after_the_fused_pass_is_still_added(device):
     acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2, reduction="mean")
     for x, t in zip(xs, twice):
         model(x, t).square().mean().backward()
-    assert not acc._fuse  # fusion stays off from now on
+    assert not acc._parts.events.fuses_last_pass  # fusion stays off from now on
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
     norm = torch.stack([q.grad.norm() for q in ref.parameters()]).norm()

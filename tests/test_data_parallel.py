@@ -221,7 +221,7 @@ def test_an_inf_on_one_rank_skips_the_step_on_every_rank(tmp_path):
 def _overlap(rank, world, results):
     """Records each all_reduce gacc issues, and when backward reaches the input (its last step)."""
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    import gacc_kernels.reduce as reduce
+    import gacc_kernels.distributed.allreduce as reduce
     events, real = [], reduce.dist.all_reduce
 
     def spy(tensor, *args, **kwargs):
@@ -239,7 +239,7 @@ def _overlap(rank, world, results):
             loss_of(model, x, y, rank).backward()
         opt.step()
         opt.zero_grad()
-    buckets = len(acc._buffers[0].buckets)
+    buckets = len(acc._parts.events.buffers[0].buckets)
     acc.remove()
     torch.save({"events": events, "buckets": buckets}, f"{results}.{rank}")
     dist.destroy_process_group()

@@ -131,7 +131,7 @@ def assert_near_stock(model, stock):
 
 def poison(acc):
     """Stale values in every slot: the window's first grad must store, not add."""
-    for s in acc._slots:
+    for s in acc._parts.events.slots:
         s.main.fill_(NAN)
 
 
@@ -207,7 +207,7 @@ def test_linear_stack_matches_float64(device, dtype, k):
         assert acc.window.state is State.FINISHED
         if fp16:
             scaler.unscale_(opt)
-            assert acc._buffers[0].found_inf.item() == 0
+            assert acc._parts.events.buffers[0].found_inf.item() == 0
         obs.check(model, 1 / (sum(weights) * s))
         assert_near_stock(model, stock)
         if fp16:
@@ -283,14 +283,14 @@ def test_hook_grad_then_fused_write_in_one_micro_step(device, path, monkeypatch)
     obs = Observed(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     acc = gacc_kernels.attach(model, opt, steps=2, fuse_linear=True)
-    assert len(acc._capture.fused) == (0 if path == "called" else 2)
+    assert len(acc._parts.events.capture.routes) == (0 if path == "called" else 2)
     for _ in range(3):
         for _ in range(2):
             x = torch.randn(6, 16, device=device, dtype=torch.bfloat16, requires_grad=True)
             model(x).float().square().mean().backward()
             obs.end_micro_step()
         assert obs.got_grad[obs.index[id(model.lin.weight)]]
-        assert acc._fuse == (path == "armed")
+        assert not acc._parts.events.fuses_last_pass  # a second grad in a micro-step turns it off
         obs.check(model, 1 / 2)
         opt.zero_grad()
 
@@ -555,7 +555,7 @@ def python_calls(acc, setitem):
     """The routes of acc's fused layers each time one's weight grad comes through Python (_weight_grad).
     setitem(dict, key, value): monkeypatch.setitem, or dict.__setitem__ in a worker process."""
     calls = []
-    for route in acc._capture.fused.values():
+    for route in acc._parts.events.capture.routes.values():
         weight_grad = fused_linear._routes[route]
 
         def counted(dy, x, route=route, weight_grad=weight_grad):
@@ -576,7 +576,7 @@ def test_armed_layers_make_no_python_call(device, monkeypatch):
     obs = Observed(model)
     acc = gacc_kernels.attach(model, torch.optim.SGD(trainable(model), lr=0.0), steps=3, fuse_linear=True)
     calls = python_calls(acc, monkeypatch.setitem)
-    assert len(acc._capture.fused) == 5  # fc1, fc2, b, head; never, which no micro-step uses
+    assert len(acc._parts.events.capture.routes) == 5  # fc1, fc2, b, head; never, which no micro-step uses
     weights = [2.0, 0.5, 3.0]
     for seed in (1, 2):
         poison(acc)
@@ -584,7 +584,7 @@ def test_armed_layers_make_no_python_call(device, monkeypatch):
             acc.set_weight(w)
             stack_loss(model, x, y, use_b).backward(create_graph=i > 0)
             obs.end_micro_step(w)
-            assert not acc._buffers[0].buf.requires_grad
+            assert not acc._parts.events.buffers[0].buf.requires_grad
             assert not calls, f"micro-step {i}: {len(calls)} calls into Python"
         assert acc.window.state is State.FINISHED
         obs.check(model, 1 / sum(weights))
@@ -612,7 +612,7 @@ def test_a_backward_with_inputs_takes_the_called_path(device, monkeypatch):
     calls = python_calls(acc, monkeypatch.setitem)
     poison(acc)
     stack_loss(model, *data[0]).backward(inputs=inputs(model))
-    route = {s.param: r for s, r in acc._capture.fused.items()}
+    route = {s.param: r for s, r in acc._parts.events.capture.routes.items()}
     assert sorted(calls) == sorted([route[model.fc1.weight], route[model.head.weight]])
     stack_loss(model, *data[1]).backward()
     assert acc.window.state is State.FINISHED
@@ -652,14 +652,14 @@ def test_a_bucket_is_ready_once_when_every_slot_has_its_grad(device, monkeypatch
     torch.manual_seed(0)
     model = TwoLinears().to(device, torch.bfloat16)
     acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2, fuse_linear=True)
-    monkeypatch.setattr(acc._reducer, "fuses_last_pass", False)
-    (bucket,) = acc._buffers[0].buckets
+    monkeypatch.setattr(acc._parts.events.reducer, "fuses_last_pass", False)
+    (bucket,) = acc._parts.events.buffers[0].buckets
     ready = []
 
     def on_bucket_ready(b, weight_sum):
         assert all(s.micro == acc.window.micro for s in b.slots), "ready before every slot had its grad"
         ready.append(b)
-    monkeypatch.setattr(acc._reducer, "on_bucket_ready", on_bucket_ready)
+    monkeypatch.setattr(acc._parts.events.reducer, "on_bucket_ready", on_bucket_ready)
     for _ in range(2):
         for use_b in (False, True):  # the last micro-step reaches b before a
             model(torch.randn(3, 10, device=device, dtype=torch.bfloat16), use_b).float().sum().backward()
@@ -762,7 +762,7 @@ def test_layers_that_add_into_main_grad_themselves(device):
     acc = gacc_kernels.attach(model, opt, steps=3, fuse_linear=True)
     with pytest.raises(ValueError, match="weigh"):
         acc.set_weight(2.0)
-    slot = next(s for s in acc._slots if s.param is te)
+    slot = next(s for s in acc._parts.events.slots if s.param is te)
     for _ in range(2):
         for _ in range(3):
             assert te.main_grad is slot.main

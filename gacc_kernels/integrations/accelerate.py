@@ -26,7 +26,7 @@ import torch
 from accelerate.utils import DistributedType
 
 from ..accumulator import GradAccumulator
-from ..accumulator import attach as attach_core
+from ..attaching import attach as attach_core
 
 _OWN_ACCUMULATION = ("DEEPSPEED", "FSDP", "MEGATRON_LM", "XLA")
 

@@ -23,7 +23,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from ..accumulator import GradAccumulator, attach
+from ..accumulator import GradAccumulator
+from ..attaching import attach
 
 
 class GaccCallback(pl.Callback):

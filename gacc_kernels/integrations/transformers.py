@@ -24,7 +24,8 @@ import torch
 from accelerate.state import GradientState
 from transformers import TrainerCallback
 
-from ..accumulator import GradAccumulator, attach
+from ..accumulator import GradAccumulator
+from ..attaching import attach
 from .accelerate import clip_through, unwrap_optimizer
 
 

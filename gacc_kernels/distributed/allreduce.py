@@ -1,66 +1,12 @@
-"""Reduce: what happens between the last micro-step's launches and finalize.
-
-A Reducer hears of each bucket that the window's last micro-step has finished writing
-(`on_bucket_ready`, with the window's total weight, known by then: a collective starts there,
-overlapped with the rest of backward), and of grads that come after their bucket (`take_late`).
-`finish` completes the reduction and returns which slots hold a gradient on any rank and the total
-weight over all ranks.
-"""
+"""Data parallel over a process group (a DDP wrapper's, or attach(process_group=)): the ranks' fp32 sums
+are added once per window, bucket by bucket, overlapped with the last backward."""
 from __future__ import annotations
-
-from typing import Protocol
 
 import torch
 import torch.distributed as dist
 
-from .layout import Bucket, DeviceBuffer, Slot
-
-
-class Reducer(Protocol):
-    #: the last micro-step's launches may finalize as they go (no collective between them and finalize)
-    fuses_last_pass: bool
-
-    def on_bucket_ready(self, bucket: Bucket, weight_sum: float) -> None: ...
-
-    def take_late(self, slot: Slot, grad: torch.Tensor, weight: float) -> bool: ...
-
-    def before_backward(self) -> None: ...
-
-    def finish(self, buffers: list[DeviceBuffer], written: list[bool],
-               weight_sum: float) -> tuple[list[bool], float | torch.Tensor]: ...
-
-    def after_finalize(self, buffers: list[DeviceBuffer]) -> None: ...
-
-    def global_sq_norm(self, local: torch.Tensor) -> torch.Tensor: ...
-
-    def abort(self) -> None: ...
-
-
-class LocalReducer:
-    """One process: nothing to reduce. The base of the others: a stage they don't need does nothing."""
-    fuses_last_pass = True
-
-    def before_backward(self):
-        pass
-
-    def after_finalize(self, buffers):
-        pass
-
-    def global_sq_norm(self, local):
-        return local
-
-    def on_bucket_ready(self, bucket, weight_sum):
-        pass
-
-    def take_late(self, slot, grad, weight):
-        return False
-
-    def finish(self, buffers, written, weight_sum):
-        return written, weight_sum
-
-    def abort(self):
-        pass
-
+from ..layout import Bucket, DeviceBuffer
+from .reducer import LocalReducer
 
 COMM_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -105,6 +51,7 @@ class AllReduce(LocalReducer):
         self.arrived = 0
         self.next = 0  # the first bucket of `order` not yet issued
         self.works: list[tuple[Bucket, object, torch.Tensor | None]] = []
+        self.sending: set[int] = set()  # ids of the buckets whose collective is in flight
         self.weight: tuple[torch.Tensor, object] | None = None
         self.late: dict[int, torch.Tensor] = {}  # slot index -> its late grads, weighted, fp32
 
@@ -127,11 +74,14 @@ class AllReduce(LocalReducer):
         wire = None if self.comm_dtype == torch.float32 else view.to(self.comm_dtype)
         work = dist.all_reduce(view if wire is None else wire, group=self.group, async_op=True)
         self.works.append((bucket, work, wire))
-        bucket.on_wire = True
+        self.sending.add(id(bucket))
         self.next += 1
 
+    def is_sending(self, bucket):
+        return id(bucket) in self.sending
+
     def take_late(self, slot, grad, weight):
-        if not slot.bucket.on_wire:
+        if not self.is_sending(slot.bucket):
             return False
         g = slot.flat_view(grad).float().mul_(weight)
         i = self.index[id(slot)]
@@ -154,7 +104,6 @@ class AllReduce(LocalReducer):
             work.wait()
             if wire is not None:
                 self.buffer.buf[bucket.begin: bucket.end].copy_(wire)
-            bucket.on_wire = False
         flags = flags.tolist()
         late, arrival = flags[len(slots): 2 * len(slots)], flags[2 * len(slots):]
         for i, slot in enumerate(slots):
@@ -174,83 +123,8 @@ class AllReduce(LocalReducer):
 
     def abort(self):
         """A backward raised: wait for what is on the wire (the window is dropped)."""
-        for bucket, work, _ in self.works:
+        for _, work, _ in self.works:
             work.wait()
-            bucket.on_wire = False
         if self.weight is not None:
             self.weight[1].wait()
         self._reset()
-
-
-class RanksDisagree(RuntimeError):
-    """The ranks ran windows that cannot be reduced into one exact result."""
-
-
-def fsdp2_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The modules that fully_shard (FSDP2) manages."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
-        return []
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
-
-
-def _param_groups(module) -> list:
-    state = module._get_fsdp_state()
-    groups = getattr(state, "_fsdp_param_groups", None)  # torch >= 2.12: several per module
-    if groups is None:
-        group = getattr(state, "_fsdp_param_group", None)
-        groups = [] if group is None else [group]
-    return list(groups)
-
-
-class ShardedReducer(LocalReducer):
-    """FSDP2 (fully_shard): FSDP reduce-scatters each micro-step's grads and hands gacc this rank's
-    shard, through the post-accumulate-grad hooks it calls after the reduce-scatter. gacc has FSDP sum
-    instead of average (gradient divide factor 1), accumulates the shards in fp32 (4/N bytes per
-    parameter), and finalizes with the weights, the flags, found_inf and the norm agreed by all ranks.
-    A micro-step's weight multiplies the ranks' sum, so it must be the same on every rank: checked
-    at the end of each window."""
-    fuses_last_pass = False
-
-    def __init__(self, model: torch.nn.Module, window, undo):
-        self.window = window
-        self.groups = [g for m in fsdp2_modules(model) for g in _param_groups(m)]
-        mesh = next(p for p in model.parameters() if hasattr(p, "device_mesh")).device_mesh
-        self.group = mesh.get_group()
-        self.world = dist.get_world_size(self.group)
-        for g in self.groups:  # a plain SUM (gloo has no PREMUL_SUM), then a division by 1
-            for name, value in (("gradient_divide_factor", 1.0), ("force_sum_reduction_for_comms", True)):
-                if hasattr(g, name):
-                    undo.callback(setattr, g, name, getattr(g, name))
-                    setattr(g, name, value)
-
-    def before_backward(self):
-        if not all(g.reduce_grads for g in self.groups):
-            raise RuntimeError(
-                "FSDP2 with set_requires_gradient_sync(False) (no_sync): FSDP then accumulates the grads "
-                "itself, at its own precision, and gacc would count one micro-step for several. gacc "
-                "accumulates in fp32 already: leave gradient sync on for every micro-step")
-
-    def finish(self, buffers, written, weight_sum):
-        (buffer,) = buffers
-        steps, weights = self.window.steps, self.window.weights
-        padded = weights + [0.0] * (steps - len(weights))
-        t = torch.tensor([len(weights), *padded, *(-w for w in padded), *written], dtype=torch.float64,
-                         device=buffer.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        got = t.tolist()
-        if got[0] != len(weights) or got[1: steps + 1] != [-w for w in got[steps + 1: 2 * steps + 1]]:
-            raise RanksDisagree(
-                f"under FSDP2 every rank must run the same micro-steps with the same weights (this rank: "
-                f"{weights}); FSDP sums the ranks' grads before gacc sees them, so a per-rank weight cannot be "
-                "applied. Weigh each rank's loss yourself and attach with reduction='sum'.")
-        return [bool(f) for f in got[2 * steps + 1:]], weight_sum * self.world
-
-    def after_finalize(self, buffers):
-        for buffer in buffers:
-            dist.all_reduce(buffer.found_inf, op=dist.ReduceOp.MAX, group=self.group)
-
-    def global_sq_norm(self, local):
-        dist.all_reduce(local, group=self.group)
-        return local

@@ -1,0 +1,94 @@
+"""attach(): the checks, then the stages built and hooked in on one undo stack, so that a failure
+anywhere leaves the model, the optimizer and the scaler as they were."""
+from __future__ import annotations
+
+import contextlib
+import warnings
+import weakref
+
+import torch
+
+from . import fused_linear, guards, publish
+from .accumulator import GradAccumulator, Parts
+from .amp import ScalerBridge
+from .capture import Capture
+from .distributed import ddp as ddp_
+from .distributed.allreduce import AllReduce
+from .distributed.fsdp2 import ShardedReducer, fsdp2_modules
+from .distributed.reducer import LocalReducer
+from .events import Events
+from .finalize import Finalizer
+from .layout import DeviceBuffer
+from .stepping import Stepping
+from .window import Window, check_steps
+
+ATTACHED: weakref.WeakKeyDictionary[torch.nn.Module, GradAccumulator] = weakref.WeakKeyDictionary()
+
+
+def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int, scaler=None,
+           reduction: str = "mean", loss_scale: float = 1.0, window_end=None,
+           bucket_bytes: int = 128 << 20, process_group=None,
+           comm_dtype: torch.dtype = torch.float32, fuse_linear: bool = False) -> GradAccumulator:
+    """Accumulate `steps` micro-steps of gradients in fp32 before each optimizer step. See GradAccumulator."""
+    check_steps(steps)
+    loss_scale = float(loss_scale)
+    guards.check_arguments(optimizer, reduction, loss_scale)
+    if model in ATTACHED:
+        raise RuntimeError("attach() was already called on this model; call acc.remove() first")
+    ddp = ddp_.find_ddp(model)
+    if ddp is not None:
+        ddp_.check_ddp(ddp)
+    guards.check_model(model)
+    params = guards.managed_parameters(model, optimizer)
+    devices = list(dict.fromkeys(p.device for p in params))
+    group = ddp_.data_parallel_group(ddp, process_group)
+    if group is not None and len(devices) != 1:
+        raise ValueError("gacc data parallel needs the parameters on one device per process")
+    sharded = bool(fsdp2_modules(model))
+    if sharded and process_group is not None:
+        raise ValueError("process_group= with FSDP2: gacc reduces over the FSDP mesh; leave it out")
+    if sharded and len(devices) != 1:
+        raise ValueError("gacc with FSDP2 needs the parameters on one device per process")
+
+    # -- the stages ---------------------------------------------------------------------------------
+    window = Window(steps)
+    buffers = [DeviceBuffer(d, [p for p in params if p.device == d], bucket_bytes) for d in devices]
+    slots = [s for b in buffers for s in b.slots]
+    # layers that add into p.main_grad themselves (publish.open_main_grads)
+    main_grad_slots = {s for s in slots if "grad_added_to_main_grad" in vars(s.param)}
+    checks = guards.Guards(model, optimizer, params)
+    events_ref: list[Events] = []
+    bridge = None if scaler is None else ScalerBridge(scaler, optimizer, lambda: events_ref[0].found_infs())
+    finalizer = Finalizer(buffers, reduction == "mean", loss_scale, bridge)
+
+    with contextlib.ExitStack() as undo:
+        # -- reduce: nothing, the ranks' all-reduce, or FSDP2's shards ------------------------------
+        if sharded:
+            reducer = ShardedReducer(model, window, undo)
+        elif group is None:
+            reducer = LocalReducer()
+        else:
+            reducer = AllReduce(group, buffers[0], comm_dtype)
+            if ddp is not None:
+                ddp_.take_over(ddp, undo)
+            else:
+                ddp_.broadcast_from_first_rank(model, group)
+        events = Events(window, buffers, reducer, finalizer, checks, window_end, main_grad_slots)
+        events_ref.append(events)
+
+        # -- hooks: autograd, the fused layers, the optimizer, the scaler ---------------------------
+        capture = Capture(model, slots, events)
+        events.listen(capture)
+        capture.install(undo)
+        if fuse_linear and fused_linear.install(model, slots, capture, undo) == 0:
+            warnings.warn(f"attach(fuse_linear=True) fused no layer: {fused_linear.why_none_fused()}. "
+                          "The weight grads take the hook path, with the same results.", stacklevel=2)
+        stepping = Stepping(optimizer, events, checks)
+        stepping.install(undo)
+        if bridge is not None:
+            bridge.install(undo)
+        undo.callback(ATTACHED.pop, model, None)
+        kept = undo.pop_all()
+    acc = ATTACHED[model] = GradAccumulator(Parts(model, optimizer, reduction, loss_scale, events, stepping, kept))
+    publish.open_main_grads(main_grad_slots, window.id)
+    return acc

@@ -1,0 +1,79 @@
+"""The Reducer protocol: what happens between the last micro-step's launches and finalize.
+
+A reducer hears of each bucket that the window's last micro-step has finished writing (a collective
+may start there, overlapped with the rest of backward) and of grads that come after their bucket was
+sent; `finish` completes the reduction. Collectives go through torch.distributed directly; a reducer
+keeps only what one window's reduction needs.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from ..layout import Bucket, DeviceBuffer, Slot
+
+
+class RanksDisagree(RuntimeError):
+    """The ranks ran windows that cannot be reduced into one exact result."""
+
+
+class Reducer(Protocol):
+    #: The last micro-step's launches may finalize as they go: no collective sits between them and
+    #: finalize. False where buckets are sent as they complete.
+    fuses_last_pass: bool
+
+    def before_backward(self) -> None:
+        """A micro-step's backward starts: refuse a setting the reducer cannot be exact under."""
+
+    def on_bucket_ready(self, bucket: Bucket, weight_sum: float) -> None:
+        """The last micro-step has written this bucket; weight_sum is the window's total weight."""
+
+    def is_sending(self, bucket: Bucket) -> bool:
+        """The bucket's collective is in flight: its slots must not be written."""
+
+    def take_late(self, slot: Slot, grad: torch.Tensor, weight: float) -> bool:
+        """A grad for a slot whose bucket is being sent: True if the reducer keeps it (sends it after)."""
+
+    def finish(self, buffers: list[DeviceBuffer], written: list[bool],
+               weight_sum: float) -> tuple[list[bool], float | torch.Tensor]:
+        """Complete the reduction: which slots hold a gradient on any rank, and the total weight over
+        the ranks (a device tensor where it was summed). Raises RanksDisagree."""
+
+    def after_finalize(self, buffers: list[DeviceBuffer]) -> None:
+        """found_inf is final on this rank: agree on it over the ranks."""
+
+    def global_sq_norm(self, local: torch.Tensor) -> torch.Tensor:
+        """The squared norm over the ranks, from this rank's."""
+
+    def abort(self) -> None:
+        """A backward raised: wait for what is in flight; the window is dropped."""
+
+
+class LocalReducer:
+    """One process: nothing to reduce. The base of the others: a stage they don't need does nothing."""
+    fuses_last_pass = True
+
+    def before_backward(self):
+        pass
+
+    def on_bucket_ready(self, bucket, weight_sum):
+        pass
+
+    def is_sending(self, bucket):
+        return False
+
+    def take_late(self, slot, grad, weight):
+        return False
+
+    def finish(self, buffers, written, weight_sum):
+        return written, weight_sum
+
+    def after_finalize(self, buffers):
+        pass
+
+    def global_sq_norm(self, local):
+        return local
+
+    def abort(self):
+        pass
