@@ -6,7 +6,7 @@ micro-batches. Variants:
                         bf16 grads, one bf16 all-reduce during the last backward (loss / K)
     gacc_ddp_fp32       DDP + gacc attach(): fp32 accumulation, fp32 bucket all-reduces during the last backward
     gacc_ddp_bf16       the same with comm_dtype=torch.bfloat16
-    gacc_group          the plain bf16 model, attach(process_group=dist.group.WORLD)
+    gacc_group          the plain bf16 model, attach(process_group=dist.group.WORLD, reduction="mean")
     fsdp2_stock         fully_shard per decoder layer and the root, fp32 sharded parameters,
                         MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32), FSDP's own accumulation:
                         a reduce-scatter on every micro-step (FSDP2's default; loss / K)

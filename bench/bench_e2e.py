@@ -3,7 +3,7 @@
 Times forward + backward + gradient handling per optimizer step (the optimizer update itself is the
 same for every variant and left out), peak memory, and the error of the gradient the optimizer gets
 against a float64 accumulation of the same micro-step gradients. Variants as in bench_hooks.py, and
-gacc-fused: attach(..., fuse_linear=True), whose linear weight grads never take the bf16 rounding that
+gacc-fused: attach(..., fuse_linear=True, reduction="mean"), whose linear weight grads never take the bf16 rounding that
 the reference (a sum of bf16 grads) holds, so its error columns show that rounding, not gacc's.
 
 Timing: each variant has its own copy of the model (the same weights), set up once, and the variants
@@ -75,7 +75,8 @@ class Setup:
         self.opt = torch.optim.SGD(self.params, lr=0.0)
         self.helper = self.acc = None
         if variant in ("gacc", "gacc-fused"):
-            self.acc = gacc_kernels.attach(model, self.opt, steps=k, fuse_linear=variant == "gacc-fused")
+            self.acc = gacc_kernels.attach(model, self.opt, steps=k, fuse_linear=variant == "gacc-fused",
+                                           reduction="mean")
         elif variant == "b-grad_dtype":
             for p in self.params:
                 p.grad_dtype = torch.float32

@@ -9,7 +9,7 @@ in backward order:
     gacc         GEMM into a new bf16 tensor, then gacc's accumulate_many_ into the fp32 buffer, one
                  launch per 128 MiB of grads (the hook path, attach() today)
     fused        addmm(main, dY^T, X, beta=1, out_dtype=float32, out=main): the GEMM accumulates into
-                 the fp32 slot (attach(..., fuse_linear=True)); fused-store: the window's first
+                 the fp32 slot (attach(..., fuse_linear=True, reduction="mean")); fused-store: the window's first
                  micro-step (beta=0)
 Bytes moved per weight element besides the GEMM's operands: gemm 2 (write), stock 8 (write; read, read
 and write the bf16 grad), gacc 12 (write, read; read and write the fp32 slot), fused 8 (read and write

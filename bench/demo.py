@@ -53,7 +53,7 @@ def train(mode, steps, k, batches, device, lr=0.5):
     params = list(model.parameters())
     master = [p.detach().float().clone() for p in params]
     opt = torch.optim.SGD(params, lr=0.0)  # the update is done by hand on the fp32 master weights
-    acc = gacc_kernels.attach(model, opt, steps=k) if mode == "gacc" else None
+    acc = gacc_kernels.attach(model, opt, steps=k, reduction="mean") if mode == "gacc" else None
     exact = {}
     if mode == "exact":
         def hook(p):
@@ -116,7 +116,7 @@ def main() -> None:
     shapes = [(512, 512)] * 64 + [(512,)] * 64
     model = ParamSet(shapes, device)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    acc = gacc_kernels.attach(model, opt, steps=args.k)
+    acc = gacc_kernels.attach(model, opt, steps=args.k, reduction="mean")
     t_gacc = events_ms(lambda: window(model, args.k, "gacc", acc=acc), reps=5, warmup=1)
     acc.remove()
     opt.zero_grad()

@@ -42,20 +42,23 @@ class GradAccumulator:
     """Exact fp32 gradient accumulation over `steps` micro-steps, enabled on an unchanged loop.
 
     Between micro-steps p.grad is None; each grad goes into the parameter's slot of a flat fp32 buffer
-    and is freed. After the K-th backward (or at an early optimizer.step()) p.grad holds the weighted
-    mean, sum(w_k g_k) / sum(w_k): a view of the buffer for fp32 parameters, one rounding of it
-    otherwise; p.main_grad is always the fp32 view. The loss must not be divided by K.
-    reduction="sum" skips the division by sum(w_k), for loops that scale the loss themselves.
-    loss_scale is the factor each micro-step's loss was already multiplied by (1/K where a framework
-    divides it); the result is divided by it, in the same pass: a loop that divides by K gets the mean
-    over the micro-steps it ran, also when a window ends early.
+    and is freed. After the K-th backward (or at an early optimizer.step()) p.grad holds the result: a
+    view of the buffer for fp32 parameters, one rounding of it otherwise; p.main_grad is always the
+    fp32 view.
+    reduction="sum" (the default) gives what stock autograd gives, sum_k g_k, in fp32: the loop keeps
+    its own normalisation (loss / K, or its window's token count). reduction="mean" gives the weighted
+    mean sum(w_k g_k) / sum(w_k) (weights from set_weight, 1 by default) for a loop that does not
+    divide its loss: the 1/K, or the token weighting, is then fused into the last pass.
+    loss_scale is a factor each micro-step's loss was already multiplied by; the result is divided by
+    it, in the same pass.
     window_end, a callable read as each backward starts, ends the window after that micro-step when it
     returns True (a framework's sync point), before the K-th; `steps` stays the most a window may hold.
 
     Data parallel: on a DistributedDataParallel model (DDP's own sync is turned off), or on a plain
     model with process_group= (its parameters and buffers are broadcast from the group's first rank
-    at attach, as DDP does), the window's result is summed over the ranks bucket by bucket while the
-    last backward runs: the optimizer sees sum over ranks and micro-steps of w*g / the total weight.
+    at attach, as DDP does), the window's result is reduced over the ranks bucket by bucket while the
+    last backward runs: reduction="sum" averages the ranks as DDP does; "mean" gives sum over ranks
+    and micro-steps of w*g / the total weight.
     comm_dtype=torch.bfloat16 halves the bytes sent, at bf16 precision (see distributed.allreduce).
 
     fuse_linear=True: the weight grad GEMM of each plain nn.Linear with a bf16/fp16 weight on CUDA

@@ -26,7 +26,7 @@ ATTACHED: weakref.WeakKeyDictionary[torch.nn.Module, GradAccumulator] = weakref.
 
 
 def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int, scaler=None,
-           reduction: str = "mean", loss_scale: float = 1.0, window_end=None,
+           reduction: str = "sum", loss_scale: float = 1.0, window_end=None,
            bucket_bytes: int = 128 << 20, process_group=None,
            comm_dtype: torch.dtype = torch.float32, fuse_linear: bool = False) -> GradAccumulator:
     """Accumulate `steps` micro-steps of gradients in fp32 before each optimizer step. See GradAccumulator."""
@@ -59,7 +59,6 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int,
     checks = guards.Guards(model, optimizer, params)
     events_ref: list[Events] = []
     bridge = None if scaler is None else ScalerBridge(scaler, optimizer, lambda: events_ref[0].found_infs())
-    finalizer = Finalizer(buffers, reduction == "mean", loss_scale, bridge)
 
     with contextlib.ExitStack() as undo:
         # -- reduce: nothing, the ranks' all-reduce, or FSDP2's shards ------------------------------
@@ -73,6 +72,7 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int,
                 ddp_.take_over(ddp, undo)
             else:
                 ddp_.broadcast_from_first_rank(model, group)
+        finalizer = Finalizer(buffers, reduction == "mean", loss_scale, bridge, reducer.ranks)
         events = Events(window, buffers, reducer, finalizer, checks, window_end, main_grad_slots)
         events_ref.append(events)
 

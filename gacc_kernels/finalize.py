@@ -21,22 +21,25 @@ from .window import Window
 
 
 class Finalizer:
-    def __init__(self, buffers: list[DeviceBuffer], mean: bool, loss_scale: float, scaler: ScalerBridge | None):
+    def __init__(self, buffers: list[DeviceBuffer], mean: bool, loss_scale: float, scaler: ScalerBridge | None,
+                 ranks: int):
         self.buffers, self.mean, self.loss_scale, self.scaler = buffers, mean, loss_scale, scaler
+        self.ranks = ranks  # reduction="sum" averages over the data-parallel ranks, as DDP and FSDP do
         self._armed: list[torch.Tensor | None] = [None] * len(buffers)  # the last pass's scale, while armed
         self._index = {id(b): i for i, b in enumerate(buffers)}
         # per buffer, the cast of each bf16/fp16 segment by a whole pass (p.grad are views of it)
         self.outs: list[list[torch.Tensor | None]] = [[None] * len(b.segments) for b in buffers]
 
     def scales(self, weight_sum: float | torch.Tensor) -> list[torch.Tensor]:
-        """Per buffer: 1 / (sum(w) (reduction="mean") * loss_scale), times 1 / the GradScaler's scale."""
+        """Per buffer: 1 / (sum(w) over micro-steps and ranks (reduction="mean"), or the number of ranks
+        ("sum"), times loss_scale), times 1 / the GradScaler's scale."""
         if self.mean and float(weight_sum) == 0.0:
             raise ValueError("every micro-step in this window had weight 0; cannot take the weighted mean")
         if isinstance(weight_sum, torch.Tensor):  # summed over the ranks, on the device
-            total = weight_sum.double() if self.mean else torch.ones_like(weight_sum, dtype=torch.float64)
+            total = weight_sum.double() if self.mean else torch.full_like(weight_sum, self.ranks, dtype=torch.float64)
             inv = (total * self.loss_scale).reciprocal().float().reshape(1)
         else:
-            inv = 1.0 / ((weight_sum if self.mean else 1.0) * self.loss_scale)
+            inv = 1.0 / ((weight_sum if self.mean else self.ranks) * self.loss_scale)
         scales = []
         for buffer in self.buffers:
             if isinstance(inv, torch.Tensor):

@@ -54,7 +54,7 @@ def test_grads_match_float64_large_batch(device, kind, dtype, k):
     loss_scale = 1024.0 if scaler else 1.0  # fp16 grads are scaled before they are rounded
     expected = [g / loss_scale for g in weighted_mean(micro_grads(model, kind, data, loss_scale))]
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    acc = gacc_kernels.attach(model, opt, steps=k, scaler=scaler)
+    acc = gacc_kernels.attach(model, opt, steps=k, scaler=scaler, reduction="mean")
     run_window(model, acc, kind, data, scaler)
     if scaler:
         scaler.unscale_(opt)  # the fused pass did it; this hands the scaler found_inf
@@ -72,7 +72,7 @@ def test_parameters_follow_the_large_batch_run(device, kind, k):
     big = copy.deepcopy(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     opt_big = torch.optim.SGD(big.parameters(), lr=0.1, momentum=0.9)
-    acc = gacc_kernels.attach(model, opt, steps=k)
+    acc = gacc_kernels.attach(model, opt, steps=k, reduction="mean")
     for step in range(3):
         data = batches(kind, k, device, seed=step)
         run_window(model, acc, kind, data)
@@ -96,7 +96,7 @@ def test_bf16_accumulation_is_more_exact_than_stock(device):
     stock = copy.deepcopy(model)
     for x, y in data:
         (loss_fn("mlp", stock, x, y) / k).backward()
-    acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=k)
+    acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=k, reduction="mean")
     run_window(model, acc, "mlp", data)
     for p, q, e in zip(model.parameters(), stock.parameters(), expected):
         ours = (p.main_grad.double() - e).abs().max()
@@ -110,7 +110,7 @@ def test_weights_give_the_weighted_mean(device):
     model = make("mlp", torch.float32, device)
     data = batches("mlp", k, device)
     expected = weighted_mean(micro_grads(model, "mlp", data), weights)
-    acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=k)
+    acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=k, reduction="mean")
     run_window(model, acc, "mlp", data, weights=weights)
     assert_grads_match(model, expected)
 
@@ -133,7 +133,7 @@ def test_early_step_uses_the_micro_steps_done(device):
     expected = weighted_mean(micro_grads(model, "mlp", data))
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    acc = gacc_kernels.attach(model, opt, steps=8)
+    acc = gacc_kernels.attach(model, opt, steps=8, reduction="mean")
     run_window(model, acc, "mlp", data)
     assert all(p.grad is None for p in model.parameters())
     opt.step()  # before K: finalizes the 3 micro-steps done
@@ -164,7 +164,7 @@ def test_unused_and_partly_used_parameters(device):
     for x, u in zip(xs, use_b):
         (ref(x, u).square().mean() / 3).backward()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    acc = gacc_kernels.attach(model, opt, steps=3)
+    acc = gacc_kernels.attach(model, opt, steps=3, reduction="mean")
     for window in range(2):  # the second window sees stale buffer values from the first
         for x, u in zip(xs, use_b):
             model(x, u if window == 0 else True).square().mean().backward()
@@ -187,7 +187,7 @@ def test_grad_scaler_fp16_skips_on_overflow_and_moves_the_scale_like_stock(devic
     model = make("mlp", torch.float16, device)
     scaler = torch.amp.GradScaler(device, init_scale=256.0, growth_interval=1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    acc = gacc_kernels.attach(model, opt, steps=k, scaler=scaler)
+    acc = gacc_kernels.attach(model, opt, steps=k, scaler=scaler, reduction="mean")
     scales = []
     for window, poison in enumerate([False, True, False]):
         before = [p.detach().clone() for p in model.parameters()]
@@ -209,7 +209,7 @@ def test_clip_grad_norm_matches_torch(device):
     model = make("mlp", torch.bfloat16, device)
     data = batches("mlp", 3, device)
     expected = weighted_mean(micro_grads(model, "mlp", data))
-    acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=3)
+    acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=3, reduction="mean")
     run_window(model, acc, "mlp", data)
     norm = torch.stack([e.norm() for e in expected]).norm()
     max_norm = norm.item() / 4
@@ -227,7 +227,7 @@ def test_resume_from_a_checkpoint_between_micro_steps_is_bit_exact(device, tmp_p
     data = batches("lm", k, device)
     model = make("lm", torch.bfloat16, device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    acc = gacc_kernels.attach(model, opt, steps=k)
+    acc = gacc_kernels.attach(model, opt, steps=k, reduction="mean")
     acc.set_weight(2.0)
     for x, y in data[:2]:
         loss_fn("lm", model, x, y).backward()
@@ -237,7 +237,7 @@ def test_resume_from_a_checkpoint_between_micro_steps_is_bit_exact(device, tmp_p
     straight = [p.main_grad.clone() for p in model.parameters()]
 
     resumed = make("lm", torch.bfloat16, device)
-    acc2 = gacc_kernels.attach(resumed, torch.optim.SGD(resumed.parameters(), lr=0.1), steps=k)
+    acc2 = gacc_kernels.attach(resumed, torch.optim.SGD(resumed.parameters(), lr=0.1), steps=k, reduction="mean")
     acc2.load_state_dict(torch.load(tmp_path / "acc.pt"))
     for x, y in data[2:]:
         loss_fn("lm", resumed, x, y).backward()
@@ -250,7 +250,7 @@ def test_remove_restores_stock_behaviour_and_attach_works_again(device):
     model = make("mlp", torch.float32, device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     data = batches("mlp", 2, device)
-    acc = gacc_kernels.attach(model, opt, steps=4)
+    acc = gacc_kernels.attach(model, opt, steps=4, reduction="mean")
     loss_fn("mlp", model, *data[0]).backward()
     acc.remove()  # one micro-step in flight: finalized into p.grad, nothing lost
     expected = weighted_mean(micro_grads(model, "mlp", data[:1]))
@@ -265,7 +265,7 @@ def test_remove_restores_stock_behaviour_and_attach_works_again(device):
     for s, e in zip(stock, weighted_mean(micro_grads(model, "mlp", data))):
         torch.testing.assert_close(s, 2 * e, rtol=1e-5, atol=1e-8)
     opt.zero_grad()
-    acc = gacc_kernels.attach(model, opt, steps=2)
+    acc = gacc_kernels.attach(model, opt, steps=2, reduction="mean")
     run_window(model, acc, "mlp", data)
     assert all(p.grad is not None for p in model.parameters())
 
@@ -279,7 +279,7 @@ def test_activation_checkpointing(device, reentrant):
     ref = copy.deepcopy(model)
     for x in xs:
         (ref(x).square().mean() / 3).backward()
-    acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=3)
+    acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=3, reduction="mean")
     for x in xs:
         model(x).square().mean().backward()
     assert acc.window.done == 3 and acc.window.state is State.FINISHED  # one micro-step per outer backward
@@ -292,7 +292,7 @@ def test_tied_weights(device):
     model = make("lm", torch.float32, device, tied=True)
     data = batches("lm", 3, device)
     expected = weighted_mean(micro_grads(model, "lm", data))
-    acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=3)
+    acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=3, reduction="mean")
     run_window(model, acc, "lm", data)
     assert model.head.weight.grad is model.embed.weight.grad
     assert_grads_match(model, expected, rtol=1e-5)
@@ -307,9 +307,9 @@ def test_torch_compiled_model(device, compile_first):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     if compile_first:
         model = torch.compile(model, backend="aot_eager")
-        acc = gacc_kernels.attach(model, opt, steps=3)
+        acc = gacc_kernels.attach(model, opt, steps=3, reduction="mean")
     else:
-        acc = gacc_kernels.attach(model, opt, steps=3)
+        acc = gacc_kernels.attach(model, opt, steps=3, reduction="mean")
         model = torch.compile(model, backend="aot_eager")
     for x, y in data:
         loss_fn("mlp", model, x, y).backward()
@@ -329,7 +329,7 @@ def test_mixed_dtypes_in_one_model(device):
     data = batches("mlp", 4, device)
     ref = copy.deepcopy(model)
     grads = [[g.double() for g in torch.autograd.grad(loss(ref, x, y), list(ref.parameters()))] for x, y in data]
-    acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=4)
+    acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=4, reduction="mean")
     for x, y in data:
         loss(model, x, y).backward()
     assert len(acc._parts.events.buffers[0].segments) == 2
@@ -349,7 +349,7 @@ def test_parameters_on_cpu_and_cuda_in_one_model():
     ref = copy.deepcopy(model)
     grads = [[g.double().cpu() for g in torch.autograd.grad(loss(ref, x, y), list(ref.parameters()))]
              for x, y in data]
-    acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=3)
+    acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=3, reduction="mean")
     for x, y in data:
         loss(model, x, y).backward()
     assert len(acc._parts.events.buffers) == 2
@@ -364,7 +364,7 @@ def test_micro_step_context_for_several_backwards(device):
     g = micro_grads(model, "mlp", data)
     # micro-step 1 = batches 0 and 1 (two backwards, summed), micro-step 2 = batches 2 and 3
     expected = weighted_mean([[a + b for a, b in zip(g[0], g[1])], [a + b for a, b in zip(g[2], g[3])]])
-    acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2)
+    acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2, reduction="mean")
     for pair in (data[:2], data[2:]):
         with acc.micro_step():
             for x, y in pair:
@@ -379,7 +379,7 @@ def test_steps_must_be_a_positive_int():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for bad in (0, -3, 2.5):
         with pytest.raises(ValueError, match="steps"):
-            gacc_kernels.attach(model, opt, steps=bad)
+            gacc_kernels.attach(model, opt, steps=bad, reduction="mean")
     with pytest.raises(ValueError, match="reduction"):
         gacc_kernels.attach(model, opt, steps=2, reduction="avg")
 
@@ -387,16 +387,16 @@ def test_steps_must_be_a_positive_int():
 def test_attaching_twice_is_refused():
     model = make("mlp", torch.float32, "cpu")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    gacc_kernels.attach(model, opt, steps=2)
+    gacc_kernels.attach(model, opt, steps=2, reduction="mean")
     with pytest.raises(RuntimeError, match="already"):
-        gacc_kernels.attach(model, opt, steps=2)
+        gacc_kernels.attach(model, opt, steps=2, reduction="mean")
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_backward_past_k_is_refused_before_anything_is_added(device):
     model = make("mlp", torch.float32, device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    acc = gacc_kernels.attach(model, opt, steps=2)
+    acc = gacc_kernels.attach(model, opt, steps=2, reduction="mean")
     data = batches("mlp", 3, device)
     run_window(model, acc, "mlp", data[:2])
     finished = [p.grad.clone() for p in model.parameters()]
@@ -413,13 +413,13 @@ def test_backward_past_k_is_refused_before_anything_is_added(device):
 def test_sparse_gradients_are_refused():
     model = torch.nn.Sequential(torch.nn.Embedding(10, 4, sparse=True), torch.nn.Linear(4, 2))
     with pytest.raises(ValueError, match="sparse"):
-        gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2)
+        gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2, reduction="mean")
 
 
 def test_parameters_added_after_attach_are_refused():
     model = make("mlp", torch.float32, "cpu")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    acc = gacc_kernels.attach(model, opt, steps=1)
+    acc = gacc_kernels.attach(model, opt, steps=1, reduction="mean")
     model.extra = torch.nn.Linear(5, 5)
     opt.add_param_group({"params": model.extra.parameters()})
     loss_fn("mlp", model, *batches("mlp", 1, "cpu")[0]).backward()
@@ -436,7 +436,7 @@ def test_frozen_parameters_in_the_optimizer_are_left_alone():
     model.fc1.requires_grad_(False)
     frozen = [p.detach().clone() for p in model.fc1.parameters()]
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    acc = gacc_kernels.attach(model, opt, steps=2)
+    acc = gacc_kernels.attach(model, opt, steps=2, reduction="mean")
     for x, y in batches("mlp", 2, "cpu"):
         loss_fn("mlp", model, x, y).backward()
     for p, e in zip(model.parameters(), expected):
@@ -458,12 +458,12 @@ def test_an_optimizer_with_a_foreign_parameter_is_refused():
     model = make("mlp", torch.float32, "cpu")
     with pytest.raises(ValueError, match="not a parameter of the model"):
         gacc_kernels.attach(model, torch.optim.SGD([*model.parameters(), torch.nn.Parameter(torch.ones(2))], lr=0.1),
-                            steps=2)
+                            steps=2, reduction="mean")
 
 
 def test_bad_weights_are_refused():
     model = make("mlp", torch.float32, "cpu")
-    acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2)
+    acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2, reduction="mean")
     for bad in (-1.0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="weight"):
             acc.set_weight(bad)
@@ -472,7 +472,7 @@ def test_bad_weights_are_refused():
 def test_batchnorm_warns():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
     with pytest.warns(UserWarning, match="BatchNorm"):
-        gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2)
+        gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2, reduction="mean")
 
 
 # -- the last micro-step finalizes in its own launches ---------------------------------------------
@@ -483,7 +483,7 @@ def test_fused_last_micro_step_equals_the_separate_finalize_pass_bit_for_bit(dev
     """K=1: the first window finalizes in a separate pass, later ones inside the accumulate launch."""
     model = make("lm", dtype, device)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    acc = gacc_kernels.attach(model, opt, steps=1)
+    acc = gacc_kernels.attach(model, opt, steps=1, reduction="mean")
     x, y = batches("lm", 1, device)[0]
     results = []
     for window in range(2):
@@ -507,7 +507,7 @@ def test_parameters_missing_from_the_last_micro_step_are_finalized_too(device):
     for x, u in zip(xs, use_b):
         (ref(x, u).square().mean() / 3).backward()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    acc = gacc_kernels.attach(model, opt, steps=3)
+    acc = gacc_kernels.attach(model, opt, steps=3, reduction="mean")
     for x, u in zip(xs, use_b):
         model(x, u).square().mean().backward()
     assert fused_last(acc, model.a.weight) and not fused_last(acc, model.b.weight)  # a.weight fused, b.weight not
@@ -553,7 +553,7 @@ def test_a_second_grad_after_the_fused_pass_is_still_added(device):
 
 def test_a_window_of_zero_weights_is_refused():
     model = make("mlp", torch.float32, "cpu")
-    acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2)
+    acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2, reduction="mean")
     data = batches("mlp", 2, "cpu")
     acc.set_weight(0.0)
     loss_fn("mlp", model, *data[0]).backward()
@@ -571,7 +571,7 @@ def test_loss_scale_undoes_a_loop_that_divides_by_k_also_in_a_short_window(devic
     data = batches("mlp", k + 2, device)
     grads = micro_grads(model, "mlp", data)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    acc = gacc_kernels.attach(model, opt, steps=k, loss_scale=1 / k)
+    acc = gacc_kernels.attach(model, opt, steps=k, loss_scale=1 / k, reduction="mean")
     for window, (batch, expected) in enumerate([(data[:k], weighted_mean(grads[:k])),
                                                 (data[k:], weighted_mean(grads[k:]))]):  # 2 of 3: ends early
         for x, y in batch:
@@ -592,7 +592,7 @@ def test_step_with_a_closure_runs_the_last_micro_step_inside_the_step(device, ho
     big = copy.deepcopy(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     opt_big = torch.optim.SGD(big.parameters(), lr=0.1, momentum=0.9)
-    gacc_kernels.attach(model, opt, steps=k)
+    gacc_kernels.attach(model, opt, steps=k, reduction="mean")
     for step in range(2):
         data = batches("mlp", k, device, seed=step)
         for x, y in data[:-1]:

@@ -2,7 +2,7 @@
 
 Each rank runs its own micro-batches with its own weights; the optimizer must see, on every rank, the
 weighted mean over all ranks and micro-steps, as one large batch would give. Both a DDP wrapper and a
-plain model with attach(process_group=) are covered.
+plain model with attach(process_group=, reduction="mean") are covered.
 """
 import copy
 
@@ -62,7 +62,7 @@ def _attach(rank, mode, comm, params=None):
     model = torch.nn.parallel.DistributedDataParallel(net) if mode == "ddp" else net
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     acc = gacc_kernels.attach(model, opt, steps=K, bucket_bytes=600, comm_dtype=comm,
-                              process_group=None if mode == "ddp" else dist.group.WORLD)
+                              process_group=None if mode == "ddp" else dist.group.WORLD, reduction="mean")
     return net, model, opt, acc
 
 
@@ -188,7 +188,7 @@ def _amp(rank, world, results):
     model = torch.nn.parallel.DistributedDataParallel(net)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    acc = gacc_kernels.attach(model, opt, steps=K, scaler=scaler, bucket_bytes=600)
+    acc = gacc_kernels.attach(model, opt, steps=K, scaler=scaler, bucket_bytes=600, reduction="mean")
     before = [p.detach().clone() for p in net.parameters()]
     out = []
     for window in range(2):
@@ -232,7 +232,7 @@ def _overlap(rank, world, results):
     net = Net()
     model = torch.nn.parallel.DistributedDataParallel(net)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    acc = gacc_kernels.attach(model, opt, steps=2, bucket_bytes=1)  # one bucket per parameter
+    acc = gacc_kernels.attach(model, opt, steps=2, bucket_bytes=1, reduction="mean")  # one bucket per parameter
     for window in range(2):
         for x, y in data_of(rank, window)[:2]:
             x.requires_grad_(True).register_hook(lambda g: events.append("input"))

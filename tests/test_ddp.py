@@ -28,7 +28,7 @@ def _train(rank, path, results):
     torch.manual_seed(0)
     model = torch.nn.parallel.DistributedDataParallel(TwoHeads())
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    acc = gacc_kernels.attach(model, opt, steps=K)
+    acc = gacc_kernels.attach(model, opt, steps=K, reduction="mean")
     weights = [1.0 + rank, 2.0, 0.5]
     for i, (x, y) in enumerate(batches("mlp", K, "cpu", seed=10 + rank)):
         acc.set_weight(weights[i])

@@ -37,7 +37,7 @@ def _train(rank, results):
     fully_shard(model, mesh=mesh)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
-    acc = gacc_kernels.attach(model, opt, steps=K, scaler=scaler)
+    acc = gacc_kernels.attach(model, opt, steps=K, scaler=scaler, reduction="mean")
     out = {"grads": [], "errors": []}
 
     def window(index, micro_steps, weights, inf_on=None):

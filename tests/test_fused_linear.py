@@ -194,7 +194,7 @@ def test_linear_stack_matches_float64(device, dtype, k):
     obs = Observed(model)
     opt = torch.optim.SGD(trainable(model), lr=0.0)
     scaler = torch.amp.GradScaler(device, init_scale=s) if fp16 else None
-    acc = gacc_kernels.attach(model, opt, steps=k, scaler=scaler, fuse_linear=True)
+    acc = gacc_kernels.attach(model, opt, steps=k, scaler=scaler, fuse_linear=True, reduction="mean")
     fused = {id(w) for w in fusable(model)}
     assert {id(m.weight) for m in model.modules() if "forward" in vars(m)} == fused
     for data, stock in zip(windows, stocks):
@@ -230,7 +230,7 @@ def test_tied_weights_fused_then_hook(device, k):
     model = TinyLM(tied=True).to(device, torch.bfloat16)
     obs = Observed(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    gacc_kernels.attach(model, opt, steps=k, fuse_linear=True)
+    gacc_kernels.attach(model, opt, steps=k, fuse_linear=True, reduction="mean")
     assert "forward" in vars(model.head)
     for seed in (1, 2):
         for x, y in batches("lm", k, device, seed=seed):
@@ -282,7 +282,7 @@ def test_hook_grad_then_fused_write_in_one_micro_step(device, path, monkeypatch)
     model = SharedAcrossCheckpoint().to(device, torch.bfloat16)
     obs = Observed(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    acc = gacc_kernels.attach(model, opt, steps=2, fuse_linear=True)
+    acc = gacc_kernels.attach(model, opt, steps=2, fuse_linear=True, reduction="mean")
     assert len(acc._parts.events.capture.routes) == (0 if path == "called" else 2)
     for _ in range(3):
         for _ in range(2):
@@ -304,7 +304,8 @@ def test_activation_checkpointing(device, reentrant):
     xs = [torch.randn(4, 7, 8, device=device, dtype=torch.bfloat16, requires_grad=reentrant) for _ in range(3)]
     stock = stock_mean(model, lambda m, x: m(x).float().square().mean(), [(x,) for x in xs], [1.0] * 3)
     obs = Observed(model)
-    acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=3, fuse_linear=True)
+    acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=3, fuse_linear=True,
+                              reduction="mean")
     for x in xs:
         model(x).float().square().mean().backward()
         obs.end_micro_step()
@@ -323,7 +324,7 @@ def test_torch_compiled_model_takes_the_hook_path(device, compile_first):
     opt = torch.optim.SGD(trainable(model), lr=0.1)
     if compile_first:
         model = torch.compile(model, backend="aot_eager")
-    acc = gacc_kernels.attach(model, opt, steps=3, fuse_linear=True)
+    acc = gacc_kernels.attach(model, opt, steps=3, fuse_linear=True, reduction="mean")
     if not compile_first:
         model = torch.compile(model, backend="aot_eager")
     for x, y, use_b in data:
@@ -344,7 +345,8 @@ def test_cpu_without_the_switch_routes_nothing_and_is_bit_identical(monkeypatch)
         model = make_stack("cpu", torch.bfloat16)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            gacc_kernels.attach(model, torch.optim.SGD(trainable(model), lr=0.1), steps=3, fuse_linear=fuse)
+            gacc_kernels.attach(model, torch.optim.SGD(trainable(model), lr=0.1), steps=3, fuse_linear=fuse,
+                                reduction="mean")
         assert [str(w.message).split(":")[0] for w in caught] == (["attach(fuse_linear=True) fused no layer"] * fuse)
         assert not any("forward" in vars(m) for m in model.modules())
         for x, y, use_b in data:
@@ -370,7 +372,7 @@ def test_forward_input_and_bias_grads_are_stock_linear(device, bias, shape):
     torch.manual_seed(0)
     lin = torch.nn.Linear(37, 53, bias=bias).to(device, torch.bfloat16)
     ref = copy.deepcopy(lin)
-    gacc_kernels.attach(lin, torch.optim.SGD(lin.parameters(), lr=0.1), steps=1, fuse_linear=True)
+    gacc_kernels.attach(lin, torch.optim.SGD(lin.parameters(), lr=0.1), steps=1, fuse_linear=True, reduction="mean")
     x = torch.randn(*shape, device=device, dtype=torch.bfloat16)
     dy = torch.randn(*shape[:-1], 53, device=device, dtype=torch.bfloat16)
     outs = []
@@ -390,7 +392,7 @@ def test_what_the_fused_forward_leaves_to_stock_linear(device):
     torch.manual_seed(0)
     lin = torch.nn.Linear(37, 53).to(device, torch.bfloat16)
     ref = copy.deepcopy(lin)
-    gacc_kernels.attach(lin, torch.optim.SGD(lin.parameters(), lr=0.1), steps=2, fuse_linear=True)
+    gacc_kernels.attach(lin, torch.optim.SGD(lin.parameters(), lr=0.1), steps=2, fuse_linear=True, reduction="mean")
     x = torch.randn(3, 37, device=device, dtype=torch.bfloat16)
     assert "FusedLinear" in lin(x).grad_fn.name()
     for mode in (torch.no_grad, torch.inference_mode):
@@ -415,7 +417,8 @@ def test_autocast(device, cast, fused):
     lin = torch.nn.Linear(37, 53).to(device, torch.bfloat16)
     ref = copy.deepcopy(lin)
     obs = Observed(lin, gemms=fused)
-    acc = gacc_kernels.attach(lin, torch.optim.SGD(lin.parameters(), lr=0.1), steps=2, fuse_linear=True)
+    acc = gacc_kernels.attach(lin, torch.optim.SGD(lin.parameters(), lr=0.1), steps=2, fuse_linear=True,
+                              reduction="mean")
     poison(acc)
     xs = [torch.randn(3, 37, device=device, dtype=dtype) for dtype in (torch.float32, torch.bfloat16)]
     for x in xs:
@@ -437,7 +440,8 @@ def test_autograd_grad_of_a_fused_weight_and_a_gradient_penalty(device):
     model = torch.nn.Sequential(torch.nn.Linear(12, 20), torch.nn.Tanh(), torch.nn.Linear(20, 3))
     model.to(device, torch.bfloat16)
     ref = copy.deepcopy(model)
-    acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2, fuse_linear=True)
+    acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2, fuse_linear=True,
+                              reduction="mean")
 
     def loss_of(m, x):
         x = x.clone().requires_grad_()
@@ -466,7 +470,8 @@ def test_compiled_autograd_over_fused_layers_is_refused_cleanly(fullgraph):
     model = make_stack("cpu", torch.bfloat16)
     obs = Observed(model)
     data = stack_data(3, "cpu", torch.bfloat16, 5)
-    acc = gacc_kernels.attach(model, torch.optim.SGD(trainable(model), lr=0.1), steps=2, fuse_linear=True)
+    acc = gacc_kernels.attach(model, torch.optim.SGD(trainable(model), lr=0.1), steps=2, fuse_linear=True,
+                              reduction="mean")
     poison(acc)
     compiler = (lambda gm: torch.compile(gm, backend="eager", fullgraph=True)) if fullgraph else (lambda gm: gm)
     with pytest.raises(RuntimeError, match="cannot run under compiled autograd"):
@@ -492,10 +497,10 @@ def test_a_graph_made_before_remove_gives_its_weight_grad_to_autograd(device):
     ref(x).float().square().sum().backward()
     for again in (False, True):
         opt = torch.optim.SGD(lin.parameters(), lr=0.1)
-        acc = gacc_kernels.attach(lin, opt, steps=2, fuse_linear=True)  # its window would not publish
+        acc = gacc_kernels.attach(lin, opt, steps=2, fuse_linear=True, reduction="mean")  # its window would not publish
         loss = lin(x).float().square().sum()
         acc.remove()
-        acc = gacc_kernels.attach(lin, opt, steps=1, fuse_linear=True) if again else None
+        acc = gacc_kernels.attach(lin, opt, steps=1, fuse_linear=True, reduction="mean") if again else None
         loss.backward()
         torch.testing.assert_close(lin.weight.grad, ref.weight.grad, rtol=2 ** -7, atol=0)
         if again:
@@ -533,7 +538,7 @@ def test_a_fused_write_that_raises_breaks_the_window_until_zero_grad(device, pat
     obs = Observed(model)
     data = stack_data(2 + steps, device, torch.bfloat16, 3)
     opt = torch.optim.SGD(trainable(model), lr=0.1)
-    acc = gacc_kernels.attach(model, opt, steps=steps, fuse_linear=True)
+    acc = gacc_kernels.attach(model, opt, steps=steps, fuse_linear=True, reduction="mean")
     stack_loss(model, *data[0]).backward()
     fail[0] = True
     with pytest.raises(error, match=match) as raised:
@@ -574,7 +579,8 @@ def test_armed_layers_make_no_python_call(device, monkeypatch):
     before each."""
     model = make_stack(device, torch.bfloat16)
     obs = Observed(model)
-    acc = gacc_kernels.attach(model, torch.optim.SGD(trainable(model), lr=0.0), steps=3, fuse_linear=True)
+    acc = gacc_kernels.attach(model, torch.optim.SGD(trainable(model), lr=0.0), steps=3, fuse_linear=True,
+                              reduction="mean")
     calls = python_calls(acc, monkeypatch.setitem)
     assert len(acc._parts.events.capture.routes) == 5  # fc1, fc2, b, head; never, which no micro-step uses
     weights = [2.0, 0.5, 3.0]
@@ -608,7 +614,8 @@ def test_a_backward_with_inputs_takes_the_called_path(device, monkeypatch):
             if p.grad is not None:
                 stock[j] = p.grad.double() / 2 + (0 if stock[j] is None else stock[j])
             p.grad = None
-    acc = gacc_kernels.attach(model, torch.optim.SGD(trainable(model), lr=0.1), steps=2, fuse_linear=True)
+    acc = gacc_kernels.attach(model, torch.optim.SGD(trainable(model), lr=0.1), steps=2, fuse_linear=True,
+                              reduction="mean")
     calls = python_calls(acc, monkeypatch.setitem)
     poison(acc)
     stack_loss(model, *data[0]).backward(inputs=inputs(model))
@@ -623,7 +630,8 @@ def test_copies_and_remove_are_plain():
     """The fused forward is an instance attribute: copies and pickles leave it out, remove() takes it
     back; also for a model that is itself one nn.Linear (two patches of its __getstate__)."""
     for model in (make_stack("cpu", torch.bfloat16), torch.nn.Linear(6, 4).bfloat16()):
-        acc = gacc_kernels.attach(model, torch.optim.SGD(trainable(model), lr=0.1), steps=2, fuse_linear=True)
+        acc = gacc_kernels.attach(model, torch.optim.SGD(trainable(model), lr=0.1), steps=2, fuse_linear=True,
+                                  reduction="mean")
         patched = [m for m in model.modules() if "forward" in vars(m)]
         assert patched
         for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
@@ -651,7 +659,8 @@ def test_a_bucket_is_ready_once_when_every_slot_has_its_grad(device, monkeypatch
     sends buckets as they complete, as AllReduce does: the last micro-step takes the called path."""
     torch.manual_seed(0)
     model = TwoLinears().to(device, torch.bfloat16)
-    acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2, fuse_linear=True)
+    acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2, fuse_linear=True,
+                              reduction="mean")
     monkeypatch.setattr(acc._parts.events.reducer, "fuses_last_pass", False)
     (bucket,) = acc._parts.events.buffers[0].buckets
     ready = []
@@ -695,7 +704,8 @@ def test_a_fused_layer_on_a_side_stream_with_a_slow_backward():
     model = SideStreamStack().to("cuda", torch.bfloat16)
     side = torch.cuda.Stream()
     obs = Observed(model)
-    acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=3, fuse_linear=True)
+    acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=3, fuse_linear=True,
+                              reduction="mean")
     for _ in range(3):
         x = torch.randn(4, 24, device="cuda", dtype=torch.bfloat16)
         model(x, side).float().square().mean().backward()
@@ -759,7 +769,7 @@ def test_layers_that_add_into_main_grad_themselves(device):
         y.register_hook(lambda dy: obs._gemm(te, dy, x))
     model.te.register_forward_hook(record)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    acc = gacc_kernels.attach(model, opt, steps=3, fuse_linear=True)
+    acc = gacc_kernels.attach(model, opt, steps=3, fuse_linear=True, reduction="mean")
     with pytest.raises(ValueError, match="weigh"):
         acc.set_weight(2.0)
     slot = next(s for s in acc._parts.events.slots if s.param is te)
@@ -803,7 +813,7 @@ def _data_parallel(rank, world):
     obs = Observed(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     acc = gacc_kernels.attach(model, opt, steps=2, bucket_bytes=2000, process_group=dist.group.WORLD,
-                              fuse_linear=True)
+                              fuse_linear=True, reduction="mean")
     calls = python_calls(acc, dict.__setitem__)
     for window in range(2):
         for i, (x, y) in enumerate(batches("lm", 2, "cpu", seed=10 * window + rank)):

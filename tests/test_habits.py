@@ -92,7 +92,7 @@ def test_grad_scaler_with_an_optimizer_that_unscales_in_its_step(device, make_op
     ref = make("mlp", torch.float32, device)  # the same weights, never attached
     opt, ref_opt = make_opt(model.parameters()), make_opt(ref.parameters())
     scaler = torch.amp.GradScaler(device, init_scale=2.0**10, growth_interval=1)
-    gacc_kernels.attach(model, opt, steps=k, scaler=scaler)
+    gacc_kernels.attach(model, opt, steps=k, scaler=scaler, reduction="mean")
     scales = []
     for step in range(3):
         data = batches("mlp", k, device, seed=step)
@@ -123,7 +123,7 @@ def test_inf_in_one_micro_step_skips_the_step_of_an_optimizer_that_unscales_in_i
     ref = make("mlp", torch.float32, device)
     opt, ref_opt = make_opt(model.parameters()), make_opt(ref.parameters())
     scaler = torch.amp.GradScaler(device, init_scale=2.0**10, growth_interval=1)
-    gacc_kernels.attach(model, opt, steps=k, scaler=scaler)
+    gacc_kernels.attach(model, opt, steps=k, scaler=scaler, reduction="mean")
     scales = []
     for window, poison in enumerate([False, True, False]):
         data = batches("mlp", k, device, seed=window)
@@ -169,7 +169,7 @@ def test_gradient_penalty_by_autograd_grad_inside_a_micro_step(device, wrt):
     expected = weighted_mean(stock_grads(model, loss_of, data))
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    gacc_kernels.attach(model, opt, steps=k)
+    gacc_kernels.attach(model, opt, steps=k, reduction="mean")
     for i, (x, y) in enumerate(data):
         loss_of(model, x, y).backward()
         published = [p.grad is not None for p in model.parameters()]
@@ -193,7 +193,7 @@ def test_autograd_grad_between_micro_steps_is_not_a_micro_step(device):
     expected_probe = micro_grads(model, "mlp", [probe])[0]
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    gacc_kernels.attach(model, opt, steps=k)
+    gacc_kernels.attach(model, opt, steps=k, reduction="mean")
     for i, (x, y) in enumerate(data):
         loss_fn("mlp", model, x, y).backward()
         held = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
@@ -235,7 +235,7 @@ def test_a_copy_of_an_attached_model_is_a_plain_model(device, how, when):
     expected = weighted_mean(micro_grads(model, "mlp", data))
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    gacc_kernels.attach(model, opt, steps=k)
+    gacc_kernels.attach(model, opt, steps=k, reduction="mean")
     done = 1 if when == "mid-window" else k
     for x, y in data[:done]:
         loss_fn("mlp", model, x, y).backward()
@@ -253,7 +253,8 @@ def test_a_copy_of_an_attached_model_is_a_plain_model(device, how, when):
         assert_same(p.grad, q.grad)
     for p, h in zip(model.parameters(), held):  # the copy's backwards did not touch the original
         assert (p.grad is None) if h is None else torch.equal(p.grad, h)
-    gacc_kernels.attach(clone, torch.optim.SGD(clone.parameters(), lr=lr), steps=2).remove()  # not attached
+    gacc_kernels.attach(clone, torch.optim.SGD(clone.parameters(), lr=lr), steps=2,
+                        reduction="mean").remove()  # not attached
 
     for x, y in data[done:]:
         loss_fn("mlp", model, x, y).backward()
@@ -269,7 +270,7 @@ def test_attach_refuses_meta_parameters():
     with torch.device("meta"):
         model = MLP(d_in=13, hidden=21, d_out=3)
     with pytest.raises(ValueError, match="meta"):
-        gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2)
+        gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2, reduction="mean")
 
 
 @pytest.mark.parametrize("then", ["backward", "step"])
@@ -282,7 +283,7 @@ def test_parameters_replaced_after_attach_are_refused(then):
     data = batches("mlp", k, "cpu")
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     held = list(model.parameters())  # what the optimizer steps
-    gacc_kernels.attach(model, opt, steps=k)
+    gacc_kernels.attach(model, opt, steps=k, reduction="mean")
     for x, y in data[:1 if then == "backward" else k]:
         loss_fn("mlp", model, x, y).backward()
     model.load_state_dict(copy.deepcopy(weights), assign=True)
@@ -306,7 +307,7 @@ def test_to_empty_on_the_same_device_keeps_the_parameters_and_stays_exact():
     weights = copy.deepcopy(model.state_dict())
     data = batches("mlp", k, "cpu")
     expected = weighted_mean(micro_grads(model, "mlp", data))
-    gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=k)
+    gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=k, reduction="mean")
     loss_fn("mlp", model, *data[0]).backward()
     model.to_empty(device="cpu")
     model.load_state_dict(weights)  # the usual initialization after to_empty
@@ -344,7 +345,7 @@ def test_channels_last_grads_keep_their_parameters_strides(device, dtype, k):
              torch.randn(2, 7, 7, 11, generator=g).to(device)) for _ in range(k)]
     expected = weighted_mean(stock_grads(model, conv_loss, data))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    gacc_kernels.attach(model, opt, steps=k)
+    gacc_kernels.attach(model, opt, steps=k, reduction="mean")
     for _window in range(2):  # the second window finds the buffer holding the first
         for x, y in data:
             conv_loss(model, x, y).backward()
@@ -367,7 +368,7 @@ def test_micro_steps_on_a_side_stream(dtype):
     expected = weighted_mean(micro_grads(model, "mlp", data))
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    gacc_kernels.attach(model, opt, steps=k)
+    gacc_kernels.attach(model, opt, steps=k, reduction="mean")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())  # the weights, the data and gacc's buffers were made there
     with torch.cuda.stream(side):
@@ -414,7 +415,7 @@ def test_a_layer_on_a_side_stream_with_a_slow_backward():
     expected = weighted_mean(stock_grads(model, loss_of, data))
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    gacc_kernels.attach(model, opt, steps=k)
+    gacc_kernels.attach(model, opt, steps=k, reduction="mean")
     for x, y in data:
         loss_of(model, x, y).backward()
     assert_window(model, expected)

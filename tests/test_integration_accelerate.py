@@ -80,7 +80,7 @@ def test_raw_attach_on_the_accelerated_optimizer_names_the_integration():
     net = MLP()
     model, opt = accelerator.prepare(net, torch.optim.SGD(net.parameters(), lr=0.1))
     with pytest.raises(TypeError, match="integrations"):
-        gacc_kernels.attach(model, opt, steps=2)
+        gacc_kernels.attach(model, opt, steps=2, reduction="mean")
 
 
 def test_a_mid_window_save_state_resumes_bit_for_bit(tmp_path):

@@ -26,7 +26,7 @@ def hooks(model):
 def refused(model, match):
     before = hooks(model)
     with pytest.raises(ValueError, match=match):
-        gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2)
+        gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2, reduction="mean")
     assert hooks(model) == before, "a refused attach leaves nothing behind"
 
 

@@ -32,11 +32,11 @@ def test_attach_that_fails_partway_leaves_nothing_behind(monkeypatch):
         raise RuntimeError("no post hooks here")
     monkeypatch.setattr(torch.optim.SGD, "register_step_post_hook", refuse)
     with pytest.raises(RuntimeError, match="no post hooks here"):
-        gacc_kernels.attach(model, opt, steps=2)
+        gacc_kernels.attach(model, opt, steps=2, reduction="mean")
     monkeypatch.undo()
     assert "zero_grad" not in opt.__dict__ and not opt._optimizer_step_pre_hooks
     assert_stock(model, "cpu")
-    gacc_kernels.attach(model, opt, steps=2)  # and it works again
+    gacc_kernels.attach(model, opt, steps=2, reduction="mean")  # and it works again
 
 
 class Wrapper:
@@ -62,7 +62,7 @@ class SubclassWrapper(torch.optim.Optimizer):
 def test_an_optimizer_wrapper_is_refused_with_a_pointer_to_the_integrations(wrapper):
     model = make("mlp", torch.float32, "cpu")
     with pytest.raises(TypeError, match="integrations"):
-        gacc_kernels.attach(model, wrapper(torch.optim.SGD(model.parameters(), lr=0.1)), steps=2)
+        gacc_kernels.attach(model, wrapper(torch.optim.SGD(model.parameters(), lr=0.1)), steps=2, reduction="mean")
     assert_stock(model, "cpu")
 
 
@@ -103,7 +103,7 @@ def faulty_loss(model, x, y):
 def test_a_backward_that_raises_after_some_grads_breaks_the_window_until_zero_grad(device):
     model = Faulty().to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    acc = gacc_kernels.attach(model, opt, steps=3)
+    acc = gacc_kernels.attach(model, opt, steps=3, reduction="mean")
     data = batches("mlp", 3, device)
     faulty_loss(model, *data[0]).backward()
     model.fail_mid = True
@@ -127,7 +127,7 @@ def test_a_backward_that_raises_after_some_grads_breaks_the_window_until_zero_gr
 def test_a_backward_that_raises_before_any_grad_changes_nothing(device):
     model = Faulty().to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    gacc_kernels.attach(model, opt, steps=3)
+    gacc_kernels.attach(model, opt, steps=3, reduction="mean")
     data = batches("mlp", 4, device)
     expected = weighted_mean(_grads(model, [data[0], data[2], data[3]]))
     faulty_loss(model, *data[0]).backward()
@@ -156,7 +156,7 @@ def finished_bf16_window(device):
     """A bf16 MLP with a finished K=2 window; its optimizer, accumulator and unclipped main_grads."""
     model = make("mlp", torch.bfloat16, device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    acc = gacc_kernels.attach(model, opt, steps=2)
+    acc = gacc_kernels.attach(model, opt, steps=2, reduction="mean")
     for x, y in batches("mlp", 2, device):
         loss_fn("mlp", model, x, y).backward()
     return model, opt, acc, [p.main_grad.clone() for p in model.parameters()]
@@ -210,7 +210,7 @@ def test_compiled_autograd_is_refused_cleanly(mode):
     model = make("mlp", torch.float32, "cpu")
     data = batches("mlp", 3, "cpu")
     expected = weighted_mean(micro_grads(model, "mlp", data[1:]))
-    acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2)
+    acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2, reduction="mean")
     with pytest.raises(RuntimeError, match="cannot run under compiled autograd"):
         _compiled_backward(mode, model, *data[0])
     assert all(p.grad is None for p in model.parameters()) and acc.window.done == 0

@@ -36,6 +36,7 @@ class AllReduce(LocalReducer):
             raise ValueError(f"comm_dtype must be torch.float32 or torch.bfloat16, got {comm_dtype} (fp16 "
                              "would overflow on loss-scaled sums)")
         self.group, self.buffer, self.comm_dtype = group, buffer, comm_dtype
+        self.ranks = dist.get_world_size(group)
         self.index = {id(s): i for i, s in enumerate(buffer.slots)}
         self._set_order(sorted(buffer.buckets, key=lambda b: max(s.order for s in b.slots)), len(buffer.buckets))
         self._reset()

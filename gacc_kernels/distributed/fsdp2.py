@@ -63,7 +63,7 @@ class ShardedReducer(LocalReducer):
         self.groups = [g for m in modules for g in _param_groups(m)]
         mesh = next(p for p in model.parameters() if hasattr(p, "device_mesh")).device_mesh
         self.group = mesh.get_group()
-        self.world = dist.get_world_size(self.group)
+        self.world = self.ranks = dist.get_world_size(self.group)
         for m in modules:  # a plain SUM (gloo has no PREMUL_SUM), then a division by 1
             factor, sum_only = _current_settings(m)
             undo.callback(m.set_gradient_divide_factor, factor)

@@ -22,6 +22,8 @@ class Reducer(Protocol):
     #: The last micro-step's launches may finalize as they go: no collective sits between them and
     #: finalize. False where buckets are sent as they complete.
     fuses_last_pass: bool
+    #: How many ranks' grads are summed: reduction="sum" divides by it, as DDP and FSDP average.
+    ranks: int
 
     def before_backward(self) -> None:
         """A micro-step's backward starts: refuse a setting the reducer cannot be exact under."""
@@ -53,6 +55,7 @@ class Reducer(Protocol):
 class LocalReducer:
     """One process: nothing to reduce. The base of the others: a stage they don't need does nothing."""
     fuses_last_pass = True
+    ranks = 1
 
     def before_backward(self):
         pass

@@ -45,7 +45,7 @@ class GaccCallback(pl.Callback):
         k = trainer.accumulate_grad_batches
         acc = self.acc = attach(trainer.strategy.model, trainer.optimizers[0], steps=k,
                                 scaler=getattr(trainer.precision_plugin, "scaler", None), loss_scale=1.0 / k,
-                                bucket_bytes=self.bucket_bytes)
+                                bucket_bytes=self.bucket_bytes, reduction="mean")
         precision = trainer.precision_plugin
         original = precision.clip_grad_by_norm
 

@@ -14,8 +14,7 @@ What it translates (transformers 5.x):
   clip and grad_norm (`accelerator.clip_grad_norm_`) go through gacc's fp32 clip.
 - The Trainer saves checkpoints only at optimizer steps, so there is no window state to save.
 - Under DDP gacc takes over the reducer's job on the DDP wrapper (`trainer.model_wrapped`, which only
-  the trainer knows) and sums the ranks; the Trainer's losses are scaled for DDP's average, so the sum is
-  divided by the world size in the same pass.
+  the trainer knows) and averages the ranks, as DDP does (the Trainer's losses are scaled for that).
 Refused: FSDP and DeepSpeed; DDP without the trainer given to the callback.
 """
 from __future__ import annotations
@@ -48,8 +47,7 @@ class GaccCallback(TrainerCallback):
                                    f"model in {type(model).__name__}")
         sync = GradientState()  # shared state: the Trainer sets sync_gradients before each micro-step
         self.acc = attach(model, unwrap_optimizer(optimizer), steps=args.gradient_accumulation_steps,
-                          scaler=getattr(optimizer, "scaler", None), reduction="sum",
-                          loss_scale=float(args.world_size), window_end=lambda: sync.sync_gradients,
+                          scaler=getattr(optimizer, "scaler", None), reduction="sum", window_end=lambda: sync.sync_gradients,
                           bucket_bytes=self.bucket_bytes)
         if self.trainer is not None:
             clip_through(self.acc, self.trainer.accelerator)
