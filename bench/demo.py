@@ -23,7 +23,7 @@ import gacc_kernels
 from common import events_ms, stamp
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from models import TinyLM
+from helpers.models import TinyLM
 
 
 def make_model(device):

@@ -12,8 +12,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import gacc_kernels
-from models import batches
-from spawn import spawn
+from helpers.models import batches
+from helpers.spawn import spawn
 
 K = 3
 # per window: (micro-steps run, weights of rank 0, weights of rank r > 0 (scaled by r)); a window of

@@ -4,8 +4,8 @@ import copy
 
 import torch
 
-from models import MLP
-from spawn import spawn
+from helpers.models import MLP
+from helpers.spawn import spawn
 
 K, WORLD, N, MICRO = 3, 2, 10, 4  # 10 batches: 5 per rank, windows of 3 + 2 per rank per epoch
 

@@ -7,7 +7,7 @@ from torch.utils.checkpoint import checkpoint
 
 import gacc_kernels
 from gacc_kernels.window import State
-from models import Checkpointed, batches, loss_fn, make, micro_grads, weighted_mean
+from helpers.models import Checkpointed, batches, loss_fn, make, micro_grads, weighted_mean
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 

@@ -9,8 +9,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import gacc_kernels
-from models import MLP, batches
-from spawn import spawn
+from helpers.models import MLP, batches
+from helpers.spawn import spawn
 
 K = 3
 

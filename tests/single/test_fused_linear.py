@@ -23,8 +23,8 @@ from torch.utils.checkpoint import checkpoint
 import gacc_kernels
 from gacc_kernels import fused_linear
 from gacc_kernels.window import State
-from models import SLEEP_CYCLES, Checkpointed, SlowBackward, TinyLM, batches, loss_fn
-from spawn import spawn
+from helpers.models import SLEEP_CYCLES, Checkpointed, SlowBackward, TinyLM, batches, loss_fn
+from helpers.spawn import spawn
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 U = 2.0 ** -24

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import gacc_kernels
-from models import MLP, SLEEP_CYCLES, SlowBackward, batches, loss_fn, make, micro_grads, weighted_mean
+from helpers.models import MLP, SLEEP_CYCLES, SlowBackward, batches, loss_fn, make, micro_grads, weighted_mean
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 

@@ -10,8 +10,16 @@ from accelerate.state import AcceleratorState, GradientState
 
 import gacc_kernels
 from gacc_kernels.integrations import accelerate as gacc_accelerate
-from llama import SEQ_MICRO, SEQS, assert_same_steps, check_lora_with_checkpointing, sequences, tiny_llama, tokens
-from models import MLP
+from helpers.llama import (
+    SEQ_MICRO,
+    SEQS,
+    assert_same_steps,
+    check_lora_with_checkpointing,
+    sequences,
+    tiny_llama,
+    tokens,
+)
+from helpers.models import MLP
 
 N, MICRO = 10, 4  # 10 micro-batches per epoch: K=3 and K=4 end each epoch with a short window
 

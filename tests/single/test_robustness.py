@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import gacc_kernels
-from models import batches, loss_fn, make, micro_grads, weighted_mean
+from helpers.models import batches, loss_fn, make, micro_grads, weighted_mean
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 

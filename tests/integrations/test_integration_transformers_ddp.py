@@ -3,9 +3,9 @@ without gacc, K=3 with a short last window: the same grads at every step, and th
 import os
 
 import torch
-
-from spawn import spawn
 from test_integration_transformers import Seen, Sequences, tiny_llama
+
+from helpers.spawn import spawn
 
 WORLD = 2
 

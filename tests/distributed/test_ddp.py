@@ -4,8 +4,8 @@ import torch
 import torch.distributed as dist
 
 import gacc_kernels
-from models import batches, make, weighted_mean
-from spawn import spawn
+from helpers.models import batches, make, weighted_mean
+from helpers.spawn import spawn
 
 K, WORLD = 3, 2
 

@@ -5,8 +5,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import gacc_kernels
-from models import batches
-from spawn import spawn
+from helpers.models import batches
+from helpers.spawn import spawn
 
 K, WORLD = 3, 2
 WEIGHTS = [1.0, 2.0, 0.5]  # the same on every rank

@@ -7,8 +7,16 @@ import torch
 pl = pytest.importorskip("lightning.pytorch")
 
 from gacc_kernels.integrations.lightning import GaccCallback  # noqa: E402
-from llama import SEQ_MICRO, SEQS, assert_same_steps, check_lora_with_checkpointing, sequences, tiny_llama, tokens  # noqa: E402
-from models import MLP  # noqa: E402
+from helpers.llama import (  # noqa: E402
+    SEQ_MICRO,
+    SEQS,
+    assert_same_steps,
+    check_lora_with_checkpointing,
+    sequences,
+    tiny_llama,
+    tokens,
+)
+from helpers.models import MLP  # noqa: E402
 
 N_BATCHES, MICRO = 10, 4  # 10 micro-batches per epoch: K=3 and K=4 end each epoch with a short window
 

@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 
 import gacc_kernels
-from spawn import free_port
+from helpers.spawn import free_port
 
 
 @pytest.fixture
