@@ -30,7 +30,7 @@ from .window import State, Window
 class Parts(NamedTuple):
     """What attach() built, held by the facade."""
     model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizers: list[torch.optim.Optimizer]
     reduction: str
     loss_scale: float
     events: Events
@@ -78,7 +78,12 @@ class GradAccumulator:
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
-        return self._parts.optimizer
+        """The (first) optimizer given to attach()."""
+        return self._parts.optimizers[0]
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return list(self._parts.optimizers)
 
     @property
     def steps(self) -> int:

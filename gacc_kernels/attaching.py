@@ -25,21 +25,23 @@ from .window import Window, check_steps
 ATTACHED: weakref.WeakKeyDictionary[torch.nn.Module, GradAccumulator] = weakref.WeakKeyDictionary()
 
 
-def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int, scaler=None,
+def attach(model: torch.nn.Module, optimizer, steps: int, scaler=None,
            reduction: str = "sum", loss_scale: float = 1.0, window_end=None,
            bucket_bytes: int = 128 << 20, process_group=None,
            comm_dtype: torch.dtype = torch.float32, fuse_linear: bool = False) -> GradAccumulator:
-    """Accumulate `steps` micro-steps of gradients in fp32 before each optimizer step. See GradAccumulator."""
+    """Accumulate `steps` micro-steps of gradients in fp32 before each optimizer step. `optimizer`: the
+    torch optimizer, or a list of them (a body and a head, Muon and AdamW). See GradAccumulator."""
     check_steps(steps)
     loss_scale = float(loss_scale)
-    guards.check_arguments(optimizer, reduction, loss_scale)
+    optimizers = guards.optimizers_of(optimizer)
+    guards.check_arguments(reduction, loss_scale)
     if model in ATTACHED:
         raise RuntimeError("attach() was already called on this model; call acc.remove() first")
     ddp = ddp_.find_ddp(model)
     if ddp is not None:
         ddp_.check_ddp(ddp)
     guards.check_model(model)
-    params = guards.managed_parameters(model, optimizer)
+    params = guards.managed_parameters(model, optimizers)
     devices = list(dict.fromkeys(p.device for p in params))
     group = ddp_.data_parallel_group(ddp, process_group)
     if group is not None and len(devices) != 1:
@@ -56,9 +58,7 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int,
     slots = [s for b in buffers for s in b.slots]
     # layers that add into p.main_grad themselves (publish.open_main_grads)
     main_grad_slots = {s for s in slots if "grad_added_to_main_grad" in vars(s.param)}
-    checks = guards.Guards(model, optimizer, params)
-    events_ref: list[Events] = []
-    bridge = None if scaler is None else ScalerBridge(scaler, optimizer, lambda: events_ref[0].found_infs())
+    checks = guards.Guards(model, optimizers, params)
 
     with contextlib.ExitStack() as undo:
         # -- reduce: nothing, the ranks' all-reduce, or FSDP2's shards ------------------------------
@@ -68,13 +68,15 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int,
             reducer = LocalReducer()
         else:
             reducer = AllReduce(group, buffers[0], comm_dtype)
-            if ddp is not None:
-                ddp_.take_over(ddp, undo)
-            else:
+            if ddp is None:
                 ddp_.broadcast_from_first_rank(model, group)
-        finalizer = Finalizer(buffers, reduction == "mean", loss_scale, bridge, reducer.ranks)
+        if ddp is not None:  # DDP's reducer stays off; the loop's sync flag is read as the window's end
+            sync = ddp_.SyncFlag(ddp)
+            sync.install(undo)
+        finalizer = Finalizer(buffers, reduction == "mean", loss_scale, None, reducer.ranks)
         events = Events(window, buffers, reducer, finalizer, checks, window_end, main_grad_slots)
-        events_ref.append(events)
+        if ddp is not None:
+            events.add_window_signal(sync.ends_window)
 
         # -- hooks: autograd, the fused layers, the optimizer, the scaler ---------------------------
         capture = Capture(model, slots, events)
@@ -83,12 +85,15 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int,
         if fuse_linear and fused_linear.install(model, slots, capture, undo) == 0:
             warnings.warn(f"attach(fuse_linear=True) fused no layer: {fused_linear.why_none_fused()}. "
                           "The weight grads take the hook path, with the same results.", stacklevel=2)
-        stepping = Stepping(optimizer, events, checks)
+        stepping = Stepping(model, optimizers, events, checks)
         stepping.install(undo)
-        if bridge is not None:
+        if scaler is not None:
+            bridge = ScalerBridge(scaler, optimizers, lambda opt: events.found_infs(stepping.slots_of[id(opt)]),
+                                  window.stepped, stepping.steps_managed)
+            finalizer.use_scaler(bridge)
             bridge.install(undo)
         undo.callback(ATTACHED.pop, model, None)
         kept = undo.pop_all()
-    acc = ATTACHED[model] = GradAccumulator(Parts(model, optimizer, reduction, loss_scale, events, stepping, kept))
+    acc = ATTACHED[model] = GradAccumulator(Parts(model, optimizers, reduction, loss_scale, events, stepping, kept))
     publish.open_main_grads(main_grad_slots, window.id)
     return acc

@@ -49,8 +49,7 @@ class Events:
     # -- capture's events ---------------------------------------------------------------------------
 
     def backward_starting(self, will_accumulate, accumulated: bool) -> None:
-        if not self.sharded:  # FSDP2 holds unsharded parameters during forward and backward
-            self.guards.check_not_replaced()
+        self.guards.check_before_backward(self.sharded)
         self.reducer.before_backward()
         w = self.window
         if w.state is State.BROKEN:
@@ -96,6 +95,8 @@ class Events:
     def grad_ready(self, slot: Slot, g: torch.Tensor, stream) -> None:
         if g.layout != torch.strided or g.numel() != slot.numel or g.is_cuda != slot.buffer.is_cuda:
             refuse_grad(slot, g)
+        if g.dtype is not slot.bucket.dtype:
+            self._refuse_dtype(slot, g)
         w = self.window
         if slot.is_repeat(w.micro) and self._second_grad(slot):
             self._add_apart(slot, g)
@@ -139,6 +140,14 @@ class Events:
         self.reducer.abort()
         if delivered:  # some of its grads may be in the buffer: this window cannot be exact
             self.window.break_()
+
+    def _refuse_dtype(self, slot: Slot, g: torch.Tensor) -> None:
+        why = (f"parameter {self.guards.name(slot.param)} got a {g.dtype} grad, but it was {slot.bucket.dtype} at "
+               "attach() (model.to(dtype), .half() or p.grad_dtype after attach): gacc's buffer is laid out for "
+               "the old dtype, so this window cannot be finished. Call optimizer.zero_grad() to discard it, "
+               "then acc.remove(), change the dtype, and attach() again.")
+        self.window.break_(why)
+        raise RuntimeError(why)
 
     # -- the second grad of a micro-step ------------------------------------------------------------
 
@@ -202,6 +211,16 @@ class Events:
         if self.capture.task is not None:
             raise RuntimeError(why)
 
+    def discard(self, slots: list[Slot]) -> None:
+        """zero_grad() of these parameters: their result is taken back and, in a window in progress, what
+        they summed so far is dropped, as stock PyTorch zeroes their p.grad. All of them: a new window."""
+        if len(slots) == len(self.slots):
+            self.new_window()
+            return
+        publish.withdraw(slots)
+        for slot in slots:
+            slot.load(None)
+
     def new_window(self) -> None:
         """Take the result back and open a new window (after a step, zero_grad(), or to load one)."""
         publish.withdraw(self.slots)
@@ -209,9 +228,18 @@ class Events:
         self.window.open()
         publish.open_main_grads(self.main_grad_slots, self.window.id)
 
-    def found_infs(self) -> dict[torch.device, torch.Tensor]:
-        """The finished window's found_inf per device, for the GradScaler (finishing a pending window)."""
+    def found_infs(self, slots: list[Slot]) -> dict[torch.device, torch.Tensor]:
+        """The finished window's found_inf per device over these slots, for the GradScaler (finishing a
+        pending window). For some of the slots (one of several optimizers), from their norm partials,
+        which are inf or NaN where an element is."""
         self.finish_pending()
         if not self.window.has_result():
             raise RuntimeError("unscale_() with no gradients: run at least one micro-step's backward first")
-        return {b.device: b.found_inf.view(()) for b in self.buffers}  # 0-dim, as GradScaler makes them
+        if len(slots) == len(self.slots):
+            return {b.device: b.found_inf.view(()) for b in self.buffers}  # 0-dim, as GradScaler makes them
+        found = {}
+        for b in self.buffers:
+            mine = [s.partials() for s in slots if s.buffer is b]
+            sq = torch.cat(mine).sum() if mine else torch.zeros((), device=b.device)
+            found[b.device] = (~torch.isfinite(sq)).float()
+        return found

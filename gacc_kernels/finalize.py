@@ -30,6 +30,10 @@ class Finalizer:
         # per buffer, the cast of each bf16/fp16 segment by a whole pass (p.grad are views of it)
         self.outs: list[list[torch.Tensor | None]] = [[None] * len(b.segments) for b in buffers]
 
+    def use_scaler(self, scaler: ScalerBridge) -> None:
+        """The GradScaler whose scale each window is divided by."""
+        self.scaler = scaler
+
     def scales(self, weight_sum: float | torch.Tensor) -> list[torch.Tensor]:
         """Per buffer: 1 / (sum(w) over micro-steps and ranks (reduction="mean"), or the number of ranks
         ("sum"), times loss_scale), times 1 / the GradScaler's scale."""
@@ -86,7 +90,7 @@ class Finalizer:
             try:
                 written, weight_sum = reducer.finish(self.buffers, written, window.weight_sum)
             except RanksDisagree as e:  # raised at the step, not inside backward (FSDP's callbacks go on)
-                window.break_(str(e))
+                window.break_(f"{e} Call optimizer.zero_grad() to discard this window.")
                 return None
             self.whole_pass(self.scales(weight_sum))
             reducer.after_finalize(self.buffers)

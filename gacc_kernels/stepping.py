@@ -1,28 +1,49 @@
-"""The optimizer's side: its step pre- and post-hooks, step(closure), and zero_grad.
+"""The optimizer's side: what may end, discard or read a window between backwards.
 
-The window is finished before the optimizer reads p.grad: in the step's pre-hook, or after the
-closure that runs the window's last micro-step (Lightning, LBFGS). zero_grad discards the window.
+    step         each attached optimizer's step pre-hook finishes the window before it reads p.grad
+                 (after the closure of step(closure), which runs the last micro-step: Lightning, LBFGS);
+                 its post-hook marks the window stepped
+    zero_grad    optimizer.zero_grad() and model.zero_grad() discard what they would zero in stock
+                 PyTorch: the optimizer's parameters, or all of them, also in the middle of a window
+    a clip       torch.nn.utils.clip_grad_norm_ / clip_grad_value_ over managed parameters prepare a step,
+                 so they finish a window in progress first and clip its result (a short window at the
+                 end of an epoch, where the clip comes before the step that would finish it)
+    others       an optimizer that was not given to attach() but steps managed parameters is refused
+                 at its step (a global step pre-hook)
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from . import publish
 from .events import Events
 from .guards import Guards
-from .patch import set_attr
+from .patch import plain_copies, set_attr
 
 
 class Stepping:
-    def __init__(self, optimizer: torch.optim.Optimizer, events: Events, guards: Guards):
-        self.optimizer, self.events, self.guards = optimizer, events, guards
+    def __init__(self, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], events: Events,
+                 guards: Guards):
+        self.model, self.optimizers, self.events, self.guards = model, optimizers, events, guards
+        slot_of = {id(s.param): s for s in events.slots}
+        # each optimizer's managed parameters' slots
+        self.slots_of = {id(o): [slot_of[id(p)] for g in o.param_groups for p in g["params"] if id(p) in slot_of]
+                         for o in optimizers}
 
     def install(self, undo: contextlib.ExitStack) -> None:
-        undo.callback(self.optimizer.register_step_pre_hook(self._before_step).remove)
-        undo.callback(self.optimizer.register_step_post_hook(self._after_step).remove)
-        set_attr(self.optimizer, "zero_grad", self._zero_grad, undo)
+        for opt in self.optimizers:
+            undo.callback(opt.register_step_pre_hook(self._before_step).remove)
+            undo.callback(opt.register_step_post_hook(self._after_step).remove)
+            set_attr(opt, "zero_grad", functools.partial(self._zero_grad, opt), undo)
+        for module in _zero_grad_owners(self.model):
+            set_attr(module, "zero_grad", functools.partial(self._model_zero_grad, module), undo)
+            plain_copies(module, undo, attrs=("zero_grad",))
+        undo.callback(register_optimizer_step_pre_hook(self._any_step).remove)
+        _clip_watch(self.events, undo)
 
     def _before_step(self, optimizer, args, kwargs):
         self.guards.check_at_step()
@@ -46,7 +67,80 @@ class Stepping:
     def _after_step(self, optimizer, args, kwargs) -> None:
         self.events.window.stepped()
 
-    def _zero_grad(self, set_to_none: bool = True) -> None:
+    def _zero_grad(self, optimizer: torch.optim.Optimizer, set_to_none: bool = True) -> None:
         self.events.capture.check_idle()
-        type(self.optimizer).zero_grad(self.optimizer, set_to_none)
-        self.events.new_window()
+        type(optimizer).zero_grad(optimizer, set_to_none)
+        self.events.discard(self.slots_of[id(optimizer)])
+
+    def _model_zero_grad(self, module: torch.nn.Module, set_to_none: bool = True) -> None:
+        self.events.capture.check_idle()
+        type(module).zero_grad(module, set_to_none)
+        self.events.discard(self.events.slots)
+
+    def steps_managed(self, optimizer: torch.optim.Optimizer) -> bool:
+        """The optimizer steps a parameter gacc manages."""
+        managed = {id(s.param) for s in self.events.slots}
+        return any(id(p) in managed for g in optimizer.param_groups for p in g["params"])
+
+    def _any_step(self, optimizer, args, kwargs) -> None:
+        """Every optimizer's step, in this process: one that steps managed parameters must be attached."""
+        if any(optimizer is o for o in self.optimizers):
+            return
+        if self.steps_managed(optimizer):
+            raise RuntimeError(
+                f"this {type(optimizer).__name__} steps parameters that gacc manages, but it was not given to "
+                "attach(): gacc would not finish a short window before it steps, nor unscale its grads once. "
+                "Give attach() every optimizer of the model: attach(model, [opt1, opt2], steps=K).")
+
+
+def _zero_grad_owners(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules whose zero_grad() means the whole model's: the model, and the wrappers in it (DDP's
+    module) down to the first module that holds parameters of its own."""
+    owners = [model]
+    inner = getattr(model, "module", None)
+    while isinstance(inner, torch.nn.Module) and inner not in owners:
+        owners.append(inner)
+        inner = getattr(inner, "module", None)
+    return owners
+
+
+# -- the clip: one process-wide wrapper of torch's clip functions while any accumulator is attached ---
+
+_WATCHING: list[Events] = []
+_CLIPS = ("clip_grad_norm_", "clip_grad_value_")
+_ORIGINAL: dict[str, object] = {}
+
+
+def _clip_watch(events: Events, undo: contextlib.ExitStack) -> None:
+    if not _WATCHING:
+        from torch.nn.utils import clip_grad
+        for name in _CLIPS:
+            _ORIGINAL[name] = getattr(clip_grad, name)
+            wrapped = _finishing(name)
+            setattr(clip_grad, name, wrapped)
+            setattr(torch.nn.utils, name, wrapped)
+    _WATCHING.append(events)
+    undo.callback(_unwatch, events)
+
+
+def _unwatch(events: Events) -> None:
+    _WATCHING.remove(events)
+    if not _WATCHING:
+        from torch.nn.utils import clip_grad
+        for name in _CLIPS:
+            setattr(clip_grad, name, _ORIGINAL[name])
+            setattr(torch.nn.utils, name, _ORIGINAL[name])
+
+
+def _finishing(name: str):
+    original = _ORIGINAL[name]
+
+    @functools.wraps(original)
+    def clip(parameters, *args, **kwargs):
+        params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+        ids = {id(p) for p in params}
+        for events in list(_WATCHING):
+            if any(id(s.param) in ids for s in events.slots):
+                events.finish_pending()  # a clip prepares a step: the window ends here
+        return original(params, *args, **kwargs)
+    return clip

@@ -129,7 +129,7 @@ class Window:
 
     def broken_message(self) -> str:
         if self.broken_why:
-            return self.broken_why + " Call optimizer.zero_grad() to discard this window."
+            return self.broken_why
         return (f"a backward raised an exception during micro-step {self.broken_at} of this window, "
                 "after some of its gradients had reached gacc's buffer, so the window cannot be exact. "
                 "Call optimizer.zero_grad() to discard it (skip the batch), then go on.")

@@ -1,5 +1,15 @@
 """DistributedDataParallel and plain process groups: which group gacc reduces over, and DDP's own
-machinery, which gacc takes over (its reducer would all-reduce the grads gacc has taken, i.e. zeros)."""
+machinery, which gacc takes over.
+
+DDP's reducer must never run while gacc is attached: it would all-reduce the grads gacc has taken away,
+i.e. zeros. DDP decides at each forward, from `require_backward_grad_sync`, whether the coming backward
+syncs. That flag stays the loop's (`model.no_sync()`, `model.require_backward_grad_sync = ...`, Fabric's
+`no_backward_sync`): gacc reads it at each forward as the loop's word on the window, and hides it from
+DDP's forward only. So:
+  - once the loop has turned sync off at some forward, a forward with sync on marks the micro-step
+    that ends the window (as in stock DDP, where the synced micro-step is the window's last);
+  - buffers are broadcast as stock DDP does (`broadcast_buffers`): at the forward after a synced one.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -7,8 +17,6 @@ import contextlib
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-
-from ..patch import set_attr
 
 
 def find_ddp(model: torch.nn.Module) -> DistributedDataParallel | None:
@@ -44,6 +52,34 @@ def broadcast_from_first_rank(model: torch.nn.Module, group) -> None:
             dist.broadcast(t, src=src, group=group)
 
 
-def take_over(ddp: DistributedDataParallel, undo: contextlib.ExitStack) -> None:
-    """Turn DDP's per-backward all-reduce off while gacc is attached."""
-    set_attr(ddp, "require_backward_grad_sync", False, undo)
+class SyncFlag:
+    """The loop's `require_backward_grad_sync`, read at each forward and hidden from DDP's."""
+
+    def __init__(self, ddp: DistributedDataParallel):
+        self.ddp = ddp
+        self.toggled = False  # the loop has turned sync off at some forward since attach
+        self.sync = True      # the flag at the last forward with grad enabled
+
+    def install(self, undo: contextlib.ExitStack) -> None:
+        pre = self.ddp.register_forward_pre_hook(self._before_forward, prepend=True)
+        post = self.ddp.register_forward_hook(self._after_forward, always_call=True)
+        undo.callback(pre.remove)
+        undo.callback(post.remove)
+
+    def _before_forward(self, module, args) -> None:
+        ddp = self.ddp
+        self._loop = ddp.require_backward_grad_sync  # _after_forward puts it back, also after an exception
+        if torch.is_grad_enabled():
+            self.sync = bool(self._loop)
+            self.toggled |= not self.sync
+        ddp.require_backward_grad_sync = False  # DDP's forward then prepares no reduction
+
+    def _after_forward(self, module, args, output) -> None:
+        ddp = self.ddp
+        ddp.require_backward_grad_sync = self._loop
+        # what DDP's own forward would have left: buffers go out at the forward after a synced one
+        ddp.require_forward_param_sync = torch.is_grad_enabled() and bool(self._loop)
+
+    def ends_window(self) -> bool:
+        """Read as each backward starts: the loop synced this micro-step, having not synced others."""
+        return self.toggled and self.sync

@@ -1,8 +1,8 @@
 """Lightning: `L.Trainer(accumulate_grad_batches=K, callbacks=[GaccCallback()])`.
 
 What the callback translates (Lightning 2.x, automatic optimization):
-- K is `trainer.accumulate_grad_batches`, read at fit start and at each epoch start (so a
-  GradientAccumulationScheduler works); gacc attaches to `trainer.strategy.model` (the DDP wrapper
+- K is `trainer.accumulate_grad_batches`, read at fit start and at each batch's start (so a
+  GradientAccumulationScheduler works, wherever it is listed); gacc attaches to `trainer.strategy.model` (the DDP wrapper
   under strategy="ddp") and the torch optimizer under the LightningOptimizer.
 - Lightning divides every micro-step's loss by K, also in the short last window of an epoch: gacc
   undoes it (loss_scale=1/K), so the optimizer sees the mean over the micro-batches actually run, as a
@@ -63,12 +63,17 @@ class GaccCallback(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._attach(trainer, pl_module)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after the Trainer's own lightning_module.zero_grad() at the start of the stage
         if self._restore is not None:
             self.acc.load_state_dict(self._restore)
             self._restore = None
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.acc is not None and self.acc.steps != trainer.accumulate_grad_batches:  # an accumulation schedule
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx) -> None:
+        # A GradientAccumulationScheduler sets K at an epoch's start, before or after this callback's
+        # own epoch-start hook, depending on their order in callbacks=: read it at the batch instead.
+        if self.acc is not None and self.acc.steps != trainer.accumulate_grad_batches:
             self.acc.remove()  # epochs end on an optimizer step: no window is in progress
             self._attach(trainer, pl_module)
 

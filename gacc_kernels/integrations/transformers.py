@@ -47,8 +47,8 @@ class GaccCallback(TrainerCallback):
                                    f"model in {type(model).__name__}")
         sync = GradientState()  # shared state: the Trainer sets sync_gradients before each micro-step
         self.acc = attach(model, unwrap_optimizer(optimizer), steps=args.gradient_accumulation_steps,
-                          scaler=getattr(optimizer, "scaler", None), reduction="sum", window_end=lambda: sync.sync_gradients,
-                          bucket_bytes=self.bucket_bytes)
+                          scaler=getattr(optimizer, "scaler", None), reduction="sum",
+                          window_end=lambda: sync.sync_gradients, bucket_bytes=self.bucket_bytes)
         if self.trainer is not None:
             clip_through(self.acc, self.trainer.accelerator)
 

@@ -422,15 +422,16 @@ def test_parameters_added_after_attach_are_refused():
     acc = gacc_kernels.attach(model, opt, steps=1, reduction="mean")
     model.extra = torch.nn.Linear(5, 5)
     opt.add_param_group({"params": model.extra.parameters()})
-    loss_fn("mlp", model, *batches("mlp", 1, "cpu")[0]).backward()
-    with pytest.raises(RuntimeError, match="added after attach"):
-        opt.step()
-    assert acc.window.state is State.FINISHED
+    # refused at the first backward, before autograd sums anything outside gacc
+    with pytest.raises(RuntimeError, match=r"add_param_group after attach.*zero_grad\(\) to discard"):
+        loss_fn("mlp", model, *batches("mlp", 1, "cpu")[0]).backward()
+    assert acc.window.state is State.OPEN and acc.window.done == 0
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_frozen_parameters_in_the_optimizer_are_left_alone():
     """LoRA loops often hand the optimizer every parameter, frozen ones too: they get no grad and no
-    slot, and unfreezing one later is refused at the step (its grads would bypass gacc)."""
+    slot, and unfreezing one later is refused by name at the next backward (its grads would bypass gacc)."""
     model = make("mlp", torch.float32, "cpu")
     expected = weighted_mean(micro_grads(model, "mlp", batches("mlp", 2, "cpu")))  # fc1 still trainable here
     model.fc1.requires_grad_(False)
@@ -448,9 +449,9 @@ def test_frozen_parameters_in_the_optimizer_are_left_alone():
     assert all(torch.equal(p, f) for p, f in zip(model.fc1.parameters(), frozen))
     opt.zero_grad()
     model.fc1.requires_grad_(True)
-    loss_fn("mlp", model, *batches("mlp", 1, "cpu")[0]).backward()
-    with pytest.raises(RuntimeError, match="added after attach"):
-        opt.step()
+    with pytest.raises(RuntimeError, match="parameter fc1.weight was frozen at attach"):
+        loss_fn("mlp", model, *batches("mlp", 1, "cpu")[0]).backward()
+    assert all(p.grad is None for p in model.parameters())
     acc.remove()
 
 
