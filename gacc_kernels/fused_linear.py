@@ -23,7 +23,7 @@ weight grad to autograd. The weight grad goes one of two ways:
 A graph made before remove() gives autograd the weight grad, as stock would.
 
 Fused: each module of type exactly nn.Linear (not subclasses: LoRA, quantized layers) whose weight is
-a managed, contiguous bf16/fp16 parameter on a device with that GEMM (CUDA, when addmm takes
+a managed, contiguous bf16/fp16 parameter of no other nn.Linear on a device with that GEMM (CUDA, when addmm takes
 out_dtype), when the C++ extension is built. A call takes stock F.linear, and the weight's grad the
 hook path, under torch.compile, under autocast to another dtype, and when the weight has tensor hooks
 (p.register_hook); the grad is returned to autograd when the backward does not accumulate into p.grad
@@ -31,6 +31,7 @@ hook path, under torch.compile, under autocast to another dtype, and when the we
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import itertools
@@ -106,9 +107,12 @@ def disarm(routes: list[int]) -> list[int]:
 def install(model: torch.nn.Module, slots: list[Slot], capture, undo: contextlib.ExitStack) -> int:
     """Give each fusable nn.Linear of the model a forward through the C++ FusedLinear; how many."""
     slot_of = {id(s.param): s for s in slots}
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    # a weight shared by several layers takes the hook path: one route per weight, one writer per slot
+    uses = collections.Counter(id(m.weight) for m in linears)
     fused = 0
-    for module in model.modules():
-        slot = slot_of.get(id(module.weight)) if type(module) is torch.nn.Linear else None
+    for module in linears:
+        slot = slot_of.get(id(module.weight)) if uses[id(module.weight)] == 1 else None
         if slot is None or slot.param.dtype not in (torch.bfloat16, torch.float16) or not slot.main.is_contiguous():
             continue
         if slot.sharded:  # an FSDP2 shard: its layer runs on the unsharded weight

@@ -2,8 +2,8 @@
 
 What the callback translates (Lightning 2.x, automatic optimization):
 - K is `trainer.accumulate_grad_batches`, read at fit start and at each batch's start (so a
-  GradientAccumulationScheduler works, wherever it is listed); gacc attaches to `trainer.strategy.model` (the DDP wrapper
-  under strategy="ddp") and the torch optimizer under the LightningOptimizer.
+  GradientAccumulationScheduler works, wherever it is listed); gacc attaches to
+  `trainer.strategy.model` (the DDP wrapper under strategy="ddp") and the torch optimizer under the LightningOptimizer.
 - Lightning divides every micro-step's loss by K, also in the short last window of an epoch: gacc
   undoes it (loss_scale=1/K), so the optimizer sees the mean over the micro-batches actually run, as a
   run with one K-times larger batch would.
