@@ -253,3 +253,26 @@ def test_lightning_llama_lora_with_gradient_checkpointing():
         run = fit_llama(model, k, batch, use_gacc, clip=clip)
         return run.seen, run.model
     check_lora_with_checkpointing(train)
+
+
+@pytest.mark.parametrize("scheduler_first", [True, False], ids=["scheduler-first", "gacc-first"])
+def test_gradient_accumulation_scheduler_in_either_order(scheduler_first):
+    """K goes from 1 (epoch 0) to 3 (epoch 1). Listed before GaccCallback, the scheduler used to crash the
+    second batch ("backward after the last of steps=1"). Against stock Lightning with the same schedule:
+    equal at every full window (the short last one is where stock divides by K, see above)."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+    torch.manual_seed(0)
+    net = MLP()
+    gacc, stock = Module(copy.deepcopy(net)), Module(copy.deepcopy(net))
+    gacc_cbs = [GradientAccumulationScheduler({0: 1, 1: 3}), GaccCallback()]
+    fit(gacc, micro_batches(), 1, gacc_cbs if scheduler_first else gacc_cbs[::-1])
+    fit(stock, micro_batches(), 1, [GradientAccumulationScheduler({0: 1, 1: 3})])
+    assert len(gacc.seen) == len(stock.seen) == N_BATCHES + 4
+    gacc.seen, stock.seen = gacc.seen[:-1], stock.seen[:-1]  # the epoch's short window comes last
+    assert_same_run_grads(gacc, stock, rtol=2e-5)
+
+
+def assert_same_run_grads(a: Module, b: Module, rtol: float):
+    for step, (ga, gb) in enumerate(zip(a.seen, b.seen)):
+        for x, y in zip(ga, gb):
+            torch.testing.assert_close(x, y, rtol=rtol, atol=rtol * y.abs().max().item(), msg=f"step {step}")
