@@ -31,6 +31,7 @@ class FakeDist:
 
     def __init__(self, buffer: DeviceBuffer):
         self.buffer, self.log, self.works = buffer, [], []
+        self.other_flags = None  # the other rank's flags, for a MAX (None: the same as this rank's)
 
     def get_world_size(self, group=None):
         return RANKS
@@ -56,7 +57,9 @@ class FakeDist:
             return work
         if op == "sum":
             tensor.mul_(RANKS)
-        return None  # MAX over identical ranks: unchanged
+        elif self.other_flags is not None:
+            torch.maximum(tensor, self.other_flags(tensor.clone()), out=tensor)
+        return None
 
     def issued(self):
         return [name for what, name in self.log if what == "all_reduce"]
@@ -147,6 +150,34 @@ def test_a_bucket_with_repeats_waits_for_the_end(monkeypatch):
     assert not reducer.is_sending(b[1])
     reducer.finish([buffer], [True] * 4, 3.0)
     assert bucket_names(fake, start) == ["bucket0", "bucket2", "bucket3", "bucket1"]
+
+
+def test_a_bucket_never_ready_goes_after_backward(monkeypatch):
+    buffer, fake, reducer = setup(monkeypatch)
+    b = buffer.buckets
+    window(reducer, buffer, [3, 0, 2])  # bucket 1 holds an unused parameter: never complete
+    assert reducer.order == [b[3], b[0], b[2], b[1]] and reducer.early == 3
+    start = len(fake.issued())
+    for i in (3, 0, 2):
+        reducer.on_bucket_ready(b[i], 3.0)
+    assert bucket_names(fake, start) == ["bucket3", "bucket0", "bucket2"]
+    reducer.finish([buffer], [True] * 4, 3.0)
+    assert bucket_names(fake, start) == ["bucket3", "bucket0", "bucket2", "bucket1"]
+
+
+def test_a_bucket_ready_on_one_rank_only_goes_after_backward(monkeypatch):
+    """The other rank never completed bucket 2 (a parameter it does not use): the ranks take the latest
+    arrival (MAX), so every rank learns to send bucket 2 after backward."""
+    buffer, fake, reducer = setup(monkeypatch)
+    n, slots = len(buffer.buckets), len(buffer.slots)
+
+    def other_rank(flags):
+        flags[2 * slots + 2] = n + 2  # arrival of bucket 2 (its place in the first window's order): not before the end
+        return flags
+    fake.other_flags = other_rank
+    window(reducer, buffer, [0, 1, 2, 3])
+    b = buffer.buckets
+    assert reducer.order == [b[0], b[1], b[3], b[2]] and reducer.early == 3
 
 
 def test_repeats_learned_after_the_bucket_was_ready_still_send_it_last(monkeypatch):
