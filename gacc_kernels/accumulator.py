@@ -112,8 +112,9 @@ class GradAccumulator:
             raise ValueError(f"a micro-step weight must be finite and >= 0, got {weight}")
         events = self._parts.events
         if weight != 1.0 and events.main_grad_slots:
-            raise ValueError("micro-step weights other than 1 are not possible with parameters whose layers add "
-                             "into p.main_grad themselves (grad_added_to_main_grad): those layers cannot weigh")
+            raise ValueError("micro-step weights other than 1 are not possible with parameters whose "
+                             "layers add into p.main_grad themselves (grad_added_to_main_grad): those "
+                             "layers cannot weigh")
         events.check_idle("set_weight() during backward; call it before the micro-step's backward")
         events.window.set_weight(weight)
 
@@ -123,7 +124,8 @@ class GradAccumulator:
 
     @contextlib.contextmanager
     def micro_step(self, weight: float | None = None) -> Iterator[None]:
-        """One micro-step made of several backward calls: `with acc.micro_step(): l1.backward(); l2.backward()`."""
+        """One micro-step made of several backward calls:
+        `with acc.micro_step(): l1.backward(); l2.backward()`."""
         events = self._parts.events
         if events.window.in_context():
             raise RuntimeError("micro_step() contexts do not nest")
@@ -155,7 +157,8 @@ class GradAccumulator:
         """Like torch.nn.utils.clip_grad_norm_ over the model's gradients, using the fused pass's norm;
         clips p.grad and p.main_grad alike."""
         if float(norm_type) != 2.0:
-            raise ValueError("gacc clip_grad_norm_ supports norm_type=2 only; use torch.nn.utils.clip_grad_norm_")
+            raise ValueError("gacc clip_grad_norm_ supports norm_type=2 only; "
+                             "use torch.nn.utils.clip_grad_norm_")
         total = self.total_norm()
         coef = (float(max_norm) / (total + 1e-6)).clamp(max=1.0).reshape(1)
         self._parts.events.finalizer.clip_(coef)

@@ -51,8 +51,8 @@ class ScalerBridge:
         if not self._attached(optimizer):
             if self.manages(optimizer):
                 raise RuntimeError(
-                    f"scaler.unscale_() of a {type(optimizer).__name__} that steps parameters gacc manages but "
-                    "was not given to attach(): gacc has unscaled them already. Give attach() every "
+                    f"scaler.unscale_() of a {type(optimizer).__name__} that steps parameters gacc manages "
+                    "but was not given to attach(): gacc has unscaled them already. Give attach() every "
                     "optimizer: attach(model, [opt1, opt2], steps=K, scaler=scaler).")
             return type(scaler).unscale_(scaler, optimizer)
         if not scaler.is_enabled():
@@ -61,7 +61,8 @@ class ScalerBridge:
         # private: GradScaler's per-optimizer state, as its own unscale_ writes it
         state = scaler._per_optimizer_states[id(optimizer)]
         if state["stage"] is OptState.UNSCALED:
-            raise RuntimeError("unscale_() has already been called on this optimizer since the last update().")
+            raise RuntimeError("unscale_() has already been called on this optimizer since the last "
+                               "update().")
         if state["stage"] is OptState.STEPPED:
             raise RuntimeError("unscale_() is being called after step().")
         state["found_inf_per_device"] = found

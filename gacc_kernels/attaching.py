@@ -88,12 +88,14 @@ def attach(model: torch.nn.Module, optimizer, steps: int, scaler=None,
         stepping = Stepping(model, optimizers, events, checks)
         stepping.install(undo)
         if scaler is not None:
-            bridge = ScalerBridge(scaler, optimizers, lambda opt: events.found_infs(stepping.slots_of[id(opt)]),
+            bridge = ScalerBridge(scaler, optimizers,
+                                  lambda opt: events.found_infs(stepping.slots_of[id(opt)]),
                                   window.stepped, stepping.steps_managed)
             finalizer.use_scaler(bridge)
             bridge.install(undo)
         undo.callback(ATTACHED.pop, model, None)
         kept = undo.pop_all()
-    acc = ATTACHED[model] = GradAccumulator(Parts(model, optimizers, reduction, loss_scale, events, stepping, kept))
+    acc = ATTACHED[model] = GradAccumulator(Parts(model, optimizers, reduction, loss_scale, events, stepping,
+                                                  kept))
     publish.open_main_grads(main_grad_slots, window.id)
     return acc

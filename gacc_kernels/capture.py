@@ -105,7 +105,8 @@ class Capture:
                 return
             if compiled_autograd_active():
                 raise RuntimeError(COMPILED_AUTOGRAD)
-            self.sink.backward_starting(self._will_accumulate, accumulated)  # may refuse: nothing recorded yet
+            # may refuse: nothing recorded yet
+            self.sink.backward_starting(self._will_accumulate, accumulated)
             self.task, self.delivered = torch._C._current_graph_task_id(), False
             torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
             self._arm()

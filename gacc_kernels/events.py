@@ -111,8 +111,9 @@ class Events:
         where the parameter's layer has already added the grad into p.main_grad (publish.open_main_grads)."""
         w = self.window
         if write is None and slot not in self.main_grad_slots:
-            raise RuntimeError("a layer added its grad into p.main_grad (grad_added_to_main_grad) of a parameter "
-                               "that had no grad_added_to_main_grad attribute at attach(); set it (False) first")
+            raise RuntimeError("a layer added its grad into p.main_grad (grad_added_to_main_grad) of a "
+                               "parameter that had no grad_added_to_main_grad attribute at attach(); set it "
+                               "(False) first")
         if slot.is_repeat(w.micro) and self._second_grad(slot):
             if write is None:
                 raise RuntimeError("a layer added its grad into p.main_grad after gacc had finalized or sent "
@@ -142,10 +143,11 @@ class Events:
             self.window.break_()
 
     def _refuse_dtype(self, slot: Slot, g: torch.Tensor) -> None:
-        why = (f"parameter {self.guards.name(slot.param)} got a {g.dtype} grad, but it was {slot.bucket.dtype} at "
-               "attach() (model.to(dtype), .half() or p.grad_dtype after attach): gacc's buffer is laid out for "
-               "the old dtype, so this window cannot be finished. Call optimizer.zero_grad() to discard it, "
-               "then acc.remove(), change the dtype, and attach() again.")
+        why = (f"parameter {self.guards.name(slot.param)} got a {g.dtype} grad, but it was "
+               f"{slot.bucket.dtype} at attach() (model.to(dtype), .half() or p.grad_dtype after attach): "
+               "gacc's buffer is laid out for the old dtype, so this window cannot be finished. Call "
+               "optimizer.zero_grad() to discard it, then acc.remove(), change the dtype, and attach() "
+               "again.")
         self.window.break_(why)
         raise RuntimeError(why)
 
@@ -192,7 +194,8 @@ class Events:
         written = self.finalizer.run(self.window, self.slots, self.reducer, fused)
         if written is None:  # the ranks disagree: the window is broken
             return
-        publish.publish(self.slots, written, {id(b): outs for b, outs in zip(self.buffers, self.finalizer.outs)})
+        publish.publish(self.slots, written,
+                        {id(b): outs for b, outs in zip(self.buffers, self.finalizer.outs)})
         self.window.finish()
 
     def finish_pending(self) -> None:

@@ -21,8 +21,8 @@ from .window import Window
 
 
 class Finalizer:
-    def __init__(self, buffers: list[DeviceBuffer], mean: bool, loss_scale: float, scaler: ScalerBridge | None,
-                 ranks: int):
+    def __init__(self, buffers: list[DeviceBuffer], mean: bool, loss_scale: float,
+                 scaler: ScalerBridge | None, ranks: int):
         self.buffers, self.mean, self.loss_scale, self.scaler = buffers, mean, loss_scale, scaler
         self.ranks = ranks  # reduction="sum" averages over the data-parallel ranks, as DDP and FSDP do
         self._armed: list[torch.Tensor | None] = [None] * len(buffers)  # the last pass's scale, while armed
@@ -40,7 +40,8 @@ class Finalizer:
         if self.mean and float(weight_sum) == 0.0:
             raise ValueError("every micro-step in this window had weight 0; cannot take the weighted mean")
         if isinstance(weight_sum, torch.Tensor):  # summed over the ranks, on the device
-            total = weight_sum.double() if self.mean else torch.full_like(weight_sum, self.ranks, dtype=torch.float64)
+            total = (weight_sum.double() if self.mean
+                     else torch.full_like(weight_sum, self.ranks, dtype=torch.float64))
             inv = (total * self.loss_scale).reciprocal().float().reshape(1)
         else:
             inv = 1.0 / ((weight_sum if self.mean else self.ranks) * self.loss_scale)
@@ -102,9 +103,11 @@ class Finalizer:
         for buffer, outs, scale in zip(self.buffers, self.outs, scales):
             buffer.found_inf.zero_()
             for i, (dtype, b, e) in enumerate(buffer.segments):
-                out = None if dtype == torch.float32 else torch.empty(e - b, dtype=dtype, device=buffer.device)
+                out = (None if dtype == torch.float32
+                       else torch.empty(e - b, dtype=dtype, device=buffer.device))
                 outs[i] = out
-                ops.finalize_(buffer.buf[b:e], scale, buffer.found_inf, buffer.partials[b // CHUNK: e // CHUNK], out)
+                ops.finalize_(buffer.buf[b:e], scale, buffer.found_inf,
+                              buffer.partials[b // CHUNK: e // CHUNK], out)
 
     def slot(self, s: Slot, scale: torch.Tensor) -> None:
         """Finalize one slot: a parameter the fused launches did not reach."""

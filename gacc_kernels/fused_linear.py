@@ -23,11 +23,11 @@ weight grad to autograd. The weight grad goes one of two ways:
 A graph made before remove() gives autograd the weight grad, as stock would.
 
 Fused: each module of type exactly nn.Linear (not subclasses: LoRA, quantized layers) whose weight is
-a managed, contiguous bf16/fp16 parameter of no other nn.Linear on a device with that GEMM (CUDA, when addmm takes
-out_dtype), when the C++ extension is built. A call takes stock F.linear, and the weight's grad the
-hook path, under torch.compile, under autocast to another dtype, and when the weight has tensor hooks
-(p.register_hook); the grad is returned to autograd when the backward does not accumulate into p.grad
-(torch.autograd.grad).
+a managed, contiguous bf16/fp16 parameter of no other nn.Linear on a device with that GEMM (CUDA, when
+addmm takes out_dtype), when the C++ extension is built. A call takes stock F.linear, and the weight's
+grad the hook path, under torch.compile, under autocast to another dtype, and when the weight has tensor
+hooks (p.register_hook); the grad is returned to autograd when the backward does not accumulate into
+p.grad (torch.autograd.grad).
 """
 from __future__ import annotations
 
@@ -113,7 +113,8 @@ def install(model: torch.nn.Module, slots: list[Slot], capture, undo: contextlib
     fused = 0
     for module in linears:
         slot = slot_of.get(id(module.weight)) if uses[id(module.weight)] == 1 else None
-        if slot is None or slot.param.dtype not in (torch.bfloat16, torch.float16) or not slot.main.is_contiguous():
+        if slot is None or slot.param.dtype not in (torch.bfloat16, torch.float16) or \
+                not slot.main.is_contiguous():
             continue
         if slot.sharded:  # an FSDP2 shard: its layer runs on the unsharded weight
             continue
@@ -134,11 +135,12 @@ def why_none_fused() -> str:
     """For the warning when attach(fuse_linear=True) fused no layer."""
     if _C is None:
         return ops.EXTENSION_ERROR
-    return ("a layer is fused when it is exactly nn.Linear, its weight is trainable, contiguous and bf16/fp16, "
-            "on CUDA with a torch whose addmm takes out_dtype")
+    return ("a layer is fused when it is exactly nn.Linear, its weight is trainable, contiguous and "
+            "bf16/fp16, on CUDA with a torch whose addmm takes out_dtype")
 
 
-def _forward(module: torch.nn.Linear, param: torch.Tensor, route: int) -> Callable[[torch.Tensor], torch.Tensor]:
+def _forward(module: torch.nn.Linear, param: torch.Tensor,
+             route: int) -> Callable[[torch.Tensor], torch.Tensor]:
     def forward(x: torch.Tensor) -> torch.Tensor:
         w, b = module.weight, module.bias
         if w is param and not w._backward_hooks and not torch.compiler.is_compiling():

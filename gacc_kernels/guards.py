@@ -25,11 +25,11 @@ def optimizers_of(optimizer) -> list[torch.optim.Optimizer]:
         wrapped = getattr(opt, "optimizer", None)
         if not isinstance(opt, torch.optim.Optimizer) or isinstance(wrapped, torch.optim.Optimizer):
             raise TypeError(
-                f"attach() takes torch.optim.Optimizer objects, got {type(opt).__name__}, a framework's wrapper. "
-                "The framework also decides when to step and how the loss is scaled, so use its integration: "
-                "gacc_kernels.integrations.transformers (HF Trainer), .accelerate, .lightning (Trainer) or "
-                ".fabric (Lightning Fabric). In a loop of your own, attach the torch optimizer it wraps "
-                "(wrapper.optimizer).")
+                f"attach() takes torch.optim.Optimizer objects, got {type(opt).__name__}, a framework's "
+                "wrapper. The framework also decides when to step and how the loss is scaled, so use its "
+                "integration: gacc_kernels.integrations.transformers (HF Trainer), .accelerate, .lightning "
+                "(Trainer) or .fabric (Lightning Fabric). In a loop of your own, attach the torch optimizer "
+                "it wraps (wrapper.optimizer).")
     if len({id(o) for o in optimizers}) != len(optimizers):
         raise ValueError("attach() was given the same optimizer twice")
     return optimizers
@@ -53,10 +53,10 @@ def check_model(model: torch.nn.Module) -> None:
                           "not per optimizer step (use GroupNorm/LayerNorm or larger micro-batches)",
                           stacklevel=3)
         if type(m).__name__ == "DeepSpeedEngine":
-            raise ValueError("gacc does not run under the DeepSpeed engine, which accumulates, reduces and scales "
-                             "gradients itself. DeepSpeed accumulates in data_types.grad_accum_dtype, which "
-                             "defaults to the model's dtype (bf16 under bf16): for fp32 accumulation set "
-                             '"data_types": {"grad_accum_dtype": "fp32"} in its config, without gacc')
+            raise ValueError("gacc does not run under the DeepSpeed engine, which accumulates, reduces and "
+                             "scales gradients itself. DeepSpeed accumulates in data_types.grad_accum_dtype, "
+                             "which defaults to the model's dtype (bf16 under bf16): for fp32 accumulation "
+                             'set "data_types": {"grad_accum_dtype": "fp32"} in its config, without gacc')
         if type(m).__name__ == "FullyShardedDataParallel":
             raise ValueError("gacc does not support FSDP1 (FullyShardedDataParallel): it reduce-scatters and "
                              "shards the grads before any hook of gacc's could see them; use FSDP2 "
@@ -66,18 +66,20 @@ def check_model(model: torch.nn.Module) -> None:
     if not sharded:
         return
     if not fsdp2_modules(model):
-        raise ValueError(f"gacc does not support DTensor parameters outside FSDP2 (tensor parallelism), found "
-                         f"{sharded[0]}; use fully_shard or DDP")
+        raise ValueError(f"gacc does not support DTensor parameters outside FSDP2 (tensor parallelism), "
+                         f"found {sharded[0]}; use fully_shard or DDP")
     plain = [n for n, p in trainable if type(p).__name__ != "DTensor"]
     if plain:
-        raise ValueError(f"under FSDP2 every trainable parameter must be sharded, but {plain[0]} is not (its "
-                         "grads would not be reduced over the ranks): call fully_shard on the root module too")
+        raise ValueError(f"under FSDP2 every trainable parameter must be sharded, but {plain[0]} is not "
+                         "(its grads would not be reduced over the ranks): call fully_shard on the root "
+                         "module too")
     if {p.device_mesh.ndim for _, p in trainable} != {1}:
         raise ValueError("gacc supports FSDP2 on a 1-D device mesh only (not HSDP, nor FSDP with tensor "
                          "parallelism)")
 
 
-def managed_parameters(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> list[torch.nn.Parameter]:
+def managed_parameters(model: torch.nn.Module,
+                       optimizers: list[torch.optim.Optimizer]) -> list[torch.nn.Parameter]:
     """The parameters to manage: the model's trainable ones."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -85,11 +87,13 @@ def managed_parameters(model: torch.nn.Module, optimizers: list[torch.optim.Opti
     meta = [n for n, p in model.named_parameters() if p.requires_grad and p.is_meta]
     if meta:
         raise ValueError(f"{len(meta)} parameters are on the meta device ({meta[0]}, ...): materialize the "
-                         "model first (model.to_empty(device=...) and load or initialize the weights), then attach()")
+                         "model first (model.to_empty(device=...) and load or initialize the weights), "
+                         "then attach()")
     managed = {id(p) for p in params}
     frozen = {id(p) for p in model.parameters() if not p.requires_grad}  # never get a grad (LoRA's base)
     for opt in optimizers:
-        if any(id(p) not in managed and id(p) not in frozen for group in opt.param_groups for p in group["params"]):
+        if any(id(p) not in managed and id(p) not in frozen
+               for group in opt.param_groups for p in group["params"]):
             raise ValueError("the optimizer holds a parameter that is not a parameter of the model; attach() "
                              "manages the model's parameters only")
     shared = [n for n, p in model.named_parameters() if p.requires_grad and
@@ -97,11 +101,12 @@ def managed_parameters(model: torch.nn.Module, optimizers: list[torch.optim.Opti
     if shared:
         raise ValueError(f"parameter {shared[0]} is in more than one of the optimizers given to attach(); "
                          "each parameter may be stepped by one optimizer")
-    odd = [n for n, p in model.named_parameters() if p.requires_grad and getattr(p, "grad_dtype", p.dtype) != p.dtype]
+    odd = [n for n, p in model.named_parameters()
+           if p.requires_grad and getattr(p, "grad_dtype", p.dtype) != p.dtype]
     if odd:
-        raise ValueError(f"parameter {odd[0]} has grad_dtype set to another dtype than its own: autograd then "
-                         "makes its grads in that dtype, and gacc already accumulates in fp32. Leave grad_dtype "
-                         "unset (p.grad_dtype = None) and attach() again")
+        raise ValueError(f"parameter {odd[0]} has grad_dtype set to another dtype than its own: autograd "
+                         "then makes its grads in that dtype, and gacc already accumulates in fp32. Leave "
+                         "grad_dtype unset (p.grad_dtype = None) and attach() again")
     return params
 
 
@@ -137,20 +142,20 @@ class Guards:
         unfrozen = [p for p in self._frozen if p.requires_grad]
         if unfrozen:
             raise RuntimeError(
-                f"parameter {self.name(unfrozen[0])} was frozen at attach() and now requires grad: gacc has no "
-                "slot for it, so autograd would sum its grads unscaled, outside the window. Change which "
-                "parameters train between windows with acc.remove() before and attach() after (freezing a "
-                "managed parameter needs nothing).")
+                f"parameter {self.name(unfrozen[0])} was frozen at attach() and now requires grad: gacc "
+                "has no slot for it, so autograd would sum its grads unscaled, outside the window. Change "
+                "which parameters train between windows with acc.remove() before and attach() after "
+                "(freezing a managed parameter needs nothing).")
         counts = self._optimizer_counts()
         if counts != self._counts:
             for o in self.optimizers:
                 for p in (p for g in o.param_groups for p in g["params"]):
                     if p.requires_grad and id(p) not in self._managed:
                         raise RuntimeError(
-                            f"optimizer {type(o).__name__} now steps parameter {self.name(p)}, which gacc does "
-                            "not manage (optimizer.add_param_group after attach()): its grads would be summed by "
-                            "autograd, unscaled. Call optimizer.zero_grad() to discard this window, then "
-                            "acc.remove(), add the parameters, and attach() again.")
+                            f"optimizer {type(o).__name__} now steps parameter {self.name(p)}, which gacc "
+                            "does not manage (optimizer.add_param_group after attach()): its grads would be "
+                            "summed by autograd, unscaled. Call optimizer.zero_grad() to discard this "
+                            "window, then acc.remove(), add the parameters, and attach() again.")
             self._counts = counts
 
     def check_before_backward(self, sharded: bool) -> None:
@@ -168,5 +173,5 @@ def refuse_grad(slot, g: torch.Tensor) -> None:
     if g.layout != torch.strided:
         raise RuntimeError(f"gacc got a sparse gradient ({g.layout}) for a parameter of shape "
                            f"{tuple(slot.param.shape)}; sparse gradients are not supported")
-    raise RuntimeError(f"a parameter of shape {tuple(slot.param.shape)} on {slot.buffer.device} got a grad of "
-                       f"shape {tuple(g.shape)} on {g.device}. " + REPLACED)
+    raise RuntimeError(f"a parameter of shape {tuple(slot.param.shape)} on {slot.buffer.device} got a "
+                       f"grad of shape {tuple(g.shape)} on {g.device}. " + REPLACED)

@@ -98,7 +98,8 @@ class Slot:
             return t
         from torch.distributed.tensor import DTensor
         p = self.param
-        return DTensor.from_local(t, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+        return DTensor.from_local(t, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                  stride=p.stride())
 
     def flat(self, t: torch.Tensor, base: int = 0) -> torch.Tensor:
         """Its range of a flat tensor that starts at buffer index `base`."""
@@ -109,7 +110,8 @@ class Slot:
         return self.buffer.partials[first: first + -(-self.numel // CHUNK)]
 
     def flat_view(self, g: torch.Tensor) -> torch.Tensor:
-        """g as a 1-D tensor in the slot's memory order: a view where g has the slot's strides, else a copy."""
+        """g as a 1-D tensor in the slot's memory order: a view where g has the slot's strides, else a
+        copy."""
         if g.stride() != self.strides:
             g = torch.empty_strided(g.shape, self.strides, dtype=g.dtype, device=g.device).copy_(g)
         return g.as_strided((self.numel,), (1,))
@@ -178,7 +180,8 @@ class Bucket:
             for slot, flat in zip(self.pending, self.grads):
                 slot.finalized_in = slot.micro
                 if write:
-                    slot.set_out(flat if flat.shape == slot.shape else flat.as_strided(slot.shape, slot.strides))
+                    slot.set_out(flat if flat.shape == slot.shape
+                                 else flat.as_strided(slot.shape, slot.strides))
         else:
             self.launch(buffer.buf, self.grads, self.offsets, self.store, weight)
         self._clear()

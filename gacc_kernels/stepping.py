@@ -31,7 +31,8 @@ class Stepping:
         self.model, self.optimizers, self.events, self.guards = model, optimizers, events, guards
         slot_of = {id(s.param): s for s in events.slots}
         # each optimizer's managed parameters' slots
-        self.slots_of = {id(o): [slot_of[id(p)] for g in o.param_groups for p in g["params"] if id(p) in slot_of]
+        self.slots_of = {id(o): [slot_of[id(p)] for g in o.param_groups for p in g["params"]
+                                 if id(p) in slot_of]
                          for o in optimizers}
 
     def install(self, undo: contextlib.ExitStack) -> None:
@@ -88,9 +89,9 @@ class Stepping:
             return
         if self.steps_managed(optimizer):
             raise RuntimeError(
-                f"this {type(optimizer).__name__} steps parameters that gacc manages, but it was not given to "
-                "attach(): gacc would not finish a short window before it steps, nor unscale its grads once. "
-                "Give attach() every optimizer of the model: attach(model, [opt1, opt2], steps=K).")
+                f"this {type(optimizer).__name__} steps parameters that gacc manages, but it was not given "
+                "to attach(): gacc would not finish a short window before it steps, nor unscale its grads "
+                "once. Give attach() every optimizer of the model: attach(model, [opt1, opt2], steps=K).")
 
 
 def _zero_grad_owners(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -105,7 +105,8 @@ class Window:
         self.backwards = 0
 
     def count_backward(self) -> bool:
-        """A backward that delivered grads ended: True if it ends a micro-step by itself (not in a context)."""
+        """A backward that delivered grads ended: True if it ends a micro-step by itself (not in a
+        context)."""
         if self.backwards is None:
             return True
         self.backwards += 1

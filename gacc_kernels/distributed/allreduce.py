@@ -38,7 +38,8 @@ class AllReduce(LocalReducer):
         self.group, self.buffer, self.comm_dtype = group, buffer, comm_dtype
         self.ranks = dist.get_world_size(group)
         self.index = {id(s): i for i, s in enumerate(buffer.slots)}
-        self._set_order(sorted(buffer.buckets, key=lambda b: max(s.order for s in b.slots)), len(buffer.buckets))
+        self._set_order(sorted(buffer.buckets, key=lambda b: max(s.order for s in b.slots)),
+                        len(buffer.buckets))
         self._reset()
 
     def _set_order(self, order: list[Bucket], early: int) -> None:
@@ -48,7 +49,8 @@ class AllReduce(LocalReducer):
     def _reset(self) -> None:
         n = len(self.order)
         self.ready = [False] * n
-        self.arrival = [n + i for i in range(n)]  # when each bucket became ready; n + place: not before the end
+        # when each bucket became ready; n + place: not before the end
+        self.arrival = [n + i for i in range(n)]
         self.arrived = 0
         self.next = 0  # the first bucket of `order` not yet issued
         self.works: list[tuple[Bucket, object, torch.Tensor | None]] = []

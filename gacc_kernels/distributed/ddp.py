@@ -29,8 +29,9 @@ def find_ddp(model: torch.nn.Module) -> DistributedDataParallel | None:
 
 def check_ddp(ddp: DistributedDataParallel) -> None:
     if getattr(ddp, "static_graph", False):
-        raise ValueError("gacc does not support DistributedDataParallel(static_graph=True): DDP's reducer then "
-                         "expects its own per-backward hooks, which gacc turns off; build DDP without static_graph")
+        raise ValueError("gacc does not support DistributedDataParallel(static_graph=True): DDP's reducer "
+                         "then expects its own per-backward hooks, which gacc turns off; build DDP without "
+                         "static_graph")
 
 
 def data_parallel_group(ddp: DistributedDataParallel | None, process_group):

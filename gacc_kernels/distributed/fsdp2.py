@@ -58,8 +58,9 @@ class ShardedReducer(LocalReducer):
         modules = fsdp2_modules(model)
         missing = [name for name in _SETTERS if not hasattr(modules[0], name)]
         if missing:
-            raise RuntimeError(f"this torch ({torch.__version__}) has no FSDPModule.{missing[0]}: gacc cannot make "
-                               "FSDP2 sum the ranks' grads, and would divide them twice. Use torch >= 2.9")
+            raise RuntimeError(f"this torch ({torch.__version__}) has no FSDPModule.{missing[0]}: gacc "
+                               "cannot make FSDP2 sum the ranks' grads, and would divide them twice. Use "
+                               "torch >= 2.9")
         self.groups = [g for m in modules for g in _param_groups(m)]
         mesh = next(p for p in model.parameters() if hasattr(p, "device_mesh")).device_mesh
         self.group = mesh.get_group()
@@ -89,8 +90,8 @@ class ShardedReducer(LocalReducer):
         if got[0] != len(weights) or got[1: steps + 1] != [-w for w in got[steps + 1: 2 * steps + 1]]:
             raise RanksDisagree(
                 f"under FSDP2 every rank must run the same micro-steps with the same weights (this rank: "
-                f"{weights}); FSDP sums the ranks' grads before gacc sees them, so a per-rank weight cannot be "
-                "applied. Weigh each rank's loss yourself and attach with reduction='sum'.")
+                f"{weights}); FSDP sums the ranks' grads before gacc sees them, so a per-rank weight "
+                "cannot be applied. Weigh each rank's loss yourself and attach with reduction='sum'.")
         return [bool(f) for f in got[2 * steps + 1:]], weight_sum * self.world
 
     def after_finalize(self, buffers):

@@ -38,14 +38,16 @@ def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
     return optimizer
 
 
-def attach(accelerator, model: torch.nn.Module, optimizer, reduction: str = "mean", **kwargs) -> GradAccumulator:
-    if any(accelerator.distributed_type == getattr(DistributedType, name, None) for name in _OWN_ACCUMULATION):
-        raise RuntimeError(f"gacc does not run under Accelerate's {accelerator.distributed_type}: it accumulates "
-                           "or reduces gradients itself")
+def attach(accelerator, model: torch.nn.Module, optimizer, reduction: str = "mean",
+           **kwargs) -> GradAccumulator:
+    if any(accelerator.distributed_type == getattr(DistributedType, name, None)
+           for name in _OWN_ACCUMULATION):
+        raise RuntimeError(f"gacc does not run under Accelerate's {accelerator.distributed_type}: it "
+                           "accumulates or reduces gradients itself")
     k = accelerator.gradient_accumulation_steps
     kwargs.setdefault("loss_scale", 1.0 / k if reduction == "mean" else 1.0)  # "sum": the loop's K/K cancels
-    acc = attach_core(model, unwrap_optimizer(optimizer), steps=k, scaler=accelerator.scaler, reduction=reduction,
-                      window_end=lambda: accelerator.sync_gradients, **kwargs)
+    acc = attach_core(model, unwrap_optimizer(optimizer), steps=k, scaler=accelerator.scaler,
+                      reduction=reduction, window_end=lambda: accelerator.sync_gradients, **kwargs)
     clip_through(acc, accelerator)
     return acc
 

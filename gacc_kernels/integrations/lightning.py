@@ -3,7 +3,8 @@
 What the callback translates (Lightning 2.x, automatic optimization):
 - K is `trainer.accumulate_grad_batches`, read at fit start and at each batch's start (so a
   GradientAccumulationScheduler works, wherever it is listed); gacc attaches to
-  `trainer.strategy.model` (the DDP wrapper under strategy="ddp") and the torch optimizer under the LightningOptimizer.
+  `trainer.strategy.model` (the DDP wrapper under strategy="ddp") and the torch optimizer under the
+  LightningOptimizer.
 - Lightning divides every micro-step's loss by K, also in the short last window of an epoch: gacc
   undoes it (loss_scale=1/K), so the optimizer sees the mean over the micro-batches actually run, as a
   run with one K-times larger batch would.
@@ -35,13 +36,14 @@ class GaccCallback(pl.Callback):
 
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not pl_module.automatic_optimization:
-            raise RuntimeError("GaccCallback drives automatic optimization only; with manual optimization call "
-                               "gacc_kernels.attach(model, optimizer, steps=K) yourself")
+            raise RuntimeError("GaccCallback drives automatic optimization only; with manual optimization "
+                               "call gacc_kernels.attach(model, optimizer, steps=K) yourself")
         if len(trainer.optimizers) != 1:
-            raise RuntimeError(f"GaccCallback supports one optimizer, the module has {len(trainer.optimizers)}")
+            raise RuntimeError("GaccCallback supports one optimizer, the module has "
+                               f"{len(trainer.optimizers)}")
         if getattr(trainer.strategy, "handles_gradient_accumulation", False):
-            raise RuntimeError(f"the {type(trainer.strategy).__name__} strategy accumulates gradients itself; "
-                               "remove GaccCallback")
+            raise RuntimeError(f"the {type(trainer.strategy).__name__} strategy accumulates gradients "
+                               "itself; remove GaccCallback")
         k = trainer.accumulate_grad_batches
         acc = self.acc = attach(trainer.strategy.model, trainer.optimizers[0], steps=k,
                                 scaler=getattr(trainer.precision_plugin, "scaler", None), loss_scale=1.0 / k,
@@ -70,7 +72,8 @@ class GaccCallback(pl.Callback):
             self.acc.load_state_dict(self._restore)
             self._restore = None
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx) -> None:
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch,
+                             batch_idx) -> None:
         # A GradientAccumulationScheduler sets K at an epoch's start, before or after this callback's
         # own epoch-start hook, depending on their order in callbacks=: read it at the batch instead.
         if self.acc is not None and self.acc.steps != trainer.accumulate_grad_batches:
@@ -88,7 +91,8 @@ class GaccCallback(pl.Callback):
         if self.acc is None:
             return {}
         state = self.acc.state_dict()
-        if state["micro_steps"] and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        if state["micro_steps"] and torch.distributed.is_initialized() and \
+                torch.distributed.get_world_size() > 1:
             raise RuntimeError("a checkpoint in the middle of a gacc window on several processes cannot be "
                                "resumed exactly (each rank holds its own partial sums); save checkpoints at "
                                "optimizer steps (ModelCheckpoint(every_n_train_steps=...))")

@@ -35,8 +35,8 @@ class GaccCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
-            raise RuntimeError("gacc does not run under FSDP or DeepSpeed, which accumulate or shard gradients "
-                               "themselves; train without GaccCallback")
+            raise RuntimeError("gacc does not run under FSDP or DeepSpeed, which accumulate or shard "
+                               "gradients themselves; train without GaccCallback")
         if args.world_size > 1:
             if self.trainer is None:
                 raise RuntimeError("under DDP the callback needs the trainer, for its DDP-wrapped model: "

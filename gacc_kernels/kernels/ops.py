@@ -115,11 +115,13 @@ def accumulate_finalize_(
 
 def report() -> str:
     """One line per op and device type: the backend it uses and why."""
-    lines = [f"torch {torch.__version__} (CUDA {torch.version.cuda}), GPU available: {torch.cuda.is_available()}"]
+    lines = [(f"torch {torch.__version__} (CUDA {torch.version.cuda}), "
+              f"GPU available: {torch.cuda.is_available()}")]
     for device_type in ("cpu", "cuda"):
         for op in OPS:
             c = choose(op, device_type)
             lines.append(f"{op:<21} on {device_type:<4}: {c.backend:<9} ({c.reason})")
-    fused = "C++ autograd Function (CUDA, where addmm takes out_dtype)" if extension else f"off ({EXTENSION_ERROR})"
+    fused = ("C++ autograd Function (CUDA, where addmm takes out_dtype)" if extension
+             else f"off ({EXTENSION_ERROR})")
     lines.append(f"{'fuse_linear=True':<29}: {fused}")
     return "\n".join(lines)

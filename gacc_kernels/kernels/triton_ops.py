@@ -154,7 +154,8 @@ def _grad_table(name: str, buf: torch.Tensor, grads, offsets, store) -> tuple[to
         if g.dtype != grads[0].dtype or g.device != buf.device:
             raise ValueError(f"{name}: all grads need one dtype and buf's device; split the call by dtype")
         if off < 0 or off + g.numel() > buf.numel():
-            raise IndexError(f"{name}: range [{off}, {off + g.numel()}) is outside buf of {buf.numel()} elements")
+            raise IndexError(f"{name}: range [{off}, {off + g.numel()}) is outside buf of "
+                             f"{buf.numel()} elements")
         rows.append((g.data_ptr(), off, g.numel(), int(bool(st))))
     return torch.tensor(rows, dtype=torch.int64, device=buf.device), max(r[2] for r in rows)
 
@@ -186,8 +187,8 @@ def accumulate_finalize_(
     if most:
         _accumulate_finalize_kernel[(triton.cdiv(most, CHUNK), len(grads))](
             buf, table, float(weight), scale, found_inf, norm_partials,
-            GRAD_DTYPE=_TL_DTYPE[grads[0].dtype], WRITE_GRADS=bool(write_grads), BF16_BY_HAND=_ROUND_BF16_BY_HAND,
-            CHUNK=CHUNK, num_warps=NUM_WARPS, enable_fp_fusion=False)
+            GRAD_DTYPE=_TL_DTYPE[grads[0].dtype], WRITE_GRADS=bool(write_grads),
+            BF16_BY_HAND=_ROUND_BF16_BY_HAND, CHUNK=CHUNK, num_warps=NUM_WARPS, enable_fp_fusion=False)
 
 
 def _launch_scale(buf, scale, out, found_inf, norm_partials) -> None:
