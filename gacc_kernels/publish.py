@@ -59,16 +59,40 @@ def open_main_grads(slots: list[Slot], window: int) -> None:
         slot.param.main_grad = slot.main
 
 
+def check_unpublished(slots: list[Slot], window: int, name) -> None:
+    """Before a step: a parameter that got no grad in the window has none, unless something outside
+    gacc wrote it after publishing (a reducer gacc does not control, a hook): refused, not stepped on."""
+    for s in slots:
+        if s.param.grad is not None and not s.holds(window):
+            raise RuntimeError(
+                f"p.grad of {name(s.param)} was set after gacc finished the window, though the window gave it "
+                "no gradient: something outside gacc wrote it (a reducer gacc does not control, such as "
+                "DDP's own when its sync is forced on inside backward, or a hook that assigns p.grad). "
+                "The optimizer would step on it; call optimizer.zero_grad() to discard the window.")
+
+
 def carry_in_place_edits(slots: list[Slot]) -> None:
-    """Copy into p.main_grad the bf16/fp16 p.grad that were changed in place after publishing."""
-    edited = [s for s in slots if s.out is not None and s.param.grad is not None
-              and (local(s.param.grad).data_ptr() != s.out.data_ptr() or s.out._version != s.version)]
+    """Copy into p.main_grad the p.grad that were changed in place or replaced after publishing (for an
+    fp32 parameter, p.grad is p.main_grad itself unless it was replaced)."""
+    edited = []
+    for s in slots:
+        g = s.param.grad
+        if g is None:
+            continue
+        g = local(g)
+        if s.out is not None:
+            if g.data_ptr() != s.out.data_ptr() or s.out._version != s.version:
+                edited.append(s)
+        elif g.data_ptr() != s.main.data_ptr() and s.buffer.segments[s.segment][0] == torch.float32:
+            edited.append(s)
     if not edited:
         return
     for s in edited:
-        s.set_out(local(s.param.grad))
-        s.main.copy_(s.out)
+        g = local(s.param.grad)
+        if s.out is not None:
+            s.set_out(g)
+        s.main.copy_(g)
     warnings.warn(
-        f"p.grad of {len(edited)} bf16/fp16 parameters was changed in place after gacc finished the window "
+        f"p.grad of {len(edited)} parameters was changed or replaced after gacc finished the window "
         "(torch.nn.utils.clip_grad_norm_, say); p.main_grad now follows it, at its precision. "
         "acc.clip_grad_norm_() clips both in fp32.", stacklevel=4)

@@ -63,7 +63,10 @@ class Stepping:
 
     def ready_for_step(self) -> None:
         self.events.finish_pending()
-        publish.carry_in_place_edits(self.events.slots)
+        events = self.events
+        if events.window.has_result():
+            publish.check_unpublished(events.slots, events.window.id, self.guards.name)
+        publish.carry_in_place_edits(events.slots)
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         self.events.window.stepped()

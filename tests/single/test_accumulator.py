@@ -449,7 +449,7 @@ def test_frozen_parameters_in_the_optimizer_are_left_alone():
     assert all(torch.equal(p, f) for p, f in zip(model.fc1.parameters(), frozen))
     opt.zero_grad()
     model.fc1.requires_grad_(True)
-    with pytest.raises(RuntimeError, match="parameter fc1.weight was frozen at attach"):
+    with pytest.raises(RuntimeError, match=r"parameter fc1\.weight was frozen at attach"):
         loss_fn("mlp", model, *batches("mlp", 1, "cpu")[0]).backward()
     assert all(p.grad is None for p in model.parameters())
     acc.remove()

@@ -438,3 +438,42 @@ def test_deepspeed_refusal_says_what_is_true():
     model = DeepSpeedEngine(Net())
     with pytest.raises(ValueError, match=r"grad_accum_dtype, which defaults to the model's dtype"):
         gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2)
+
+
+# -- what the optimizer reads: what gacc published, or an edit gacc carried -----------------------------
+
+class WithUnused(Net):
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Linear(3, 3)
+
+
+def test_a_grad_written_outside_gacc_after_publishing_is_refused_at_the_step():
+    """A foreign writer (a reducer gacc does not control, a hook) gives a parameter a grad the window
+    did not: refused, and nothing is stepped."""
+    model = WithUnused()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = gacc_kernels.attach(model, opt, steps=2)
+    for x, y in data(2):
+        F.cross_entropy(model(x), y).backward()
+    model.unused.weight.grad = torch.ones_like(model.unused.weight)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"p\.grad of unused\.weight was set after gacc finished the window"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    opt.zero_grad()
+    acc.remove()
+
+
+def test_a_replaced_fp32_grad_is_carried_into_main_grad():
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = gacc_kernels.attach(model, opt, steps=1)
+    x, y = data(1)[0]
+    F.cross_entropy(model(x), y).backward()
+    model.a.weight.grad = model.a.weight.grad * 0.5  # a new tensor, not an in-place edit
+    halved = model.a.weight.grad.clone()
+    with pytest.warns(UserWarning, match="changed or replaced after gacc finished"):
+        opt.step()
+    assert torch.equal(model.a.weight.main_grad, halved)
+    acc.remove()
