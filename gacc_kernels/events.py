@@ -37,6 +37,7 @@ class Events:
         self.capture = None
         self.fuses_last_pass = True  # off once a parameter got two grads in one micro-step
         self.window_signals: list[Callable[[], bool]] = [] if window_end is None else [window_end]
+        self.published: set[Slot] = set()  # the slots whose parameters got a result from the window
 
     def listen(self, capture) -> None:
         """The capture whose events these are (its fused_linear routes and its backward in progress)."""
@@ -196,6 +197,7 @@ class Events:
             return
         publish.publish(self.slots, written,
                         {id(b): outs for b, outs in zip(self.buffers, self.finalizer.outs)})
+        self.published = {s for s, w in zip(self.slots, written) if w}
         self.window.finish()
 
     def finish_pending(self) -> None:
@@ -223,10 +225,12 @@ class Events:
         publish.withdraw(slots)
         for slot in slots:
             slot.load(None)
+        self.published.difference_update(slots)
 
     def new_window(self) -> None:
         """Take the result back and open a new window (after a step, zero_grad(), or to load one)."""
         publish.withdraw(self.slots)
+        self.published = set()
         self.finalizer.reset()
         self.window.open()
         publish.open_main_grads(self.main_grad_slots, self.window.id)

@@ -9,6 +9,7 @@ import warnings
 import torch
 
 from .distributed.fsdp2 import fsdp2_modules
+from .kernels.reference import GRAD_DTYPES
 
 REPLACED = (
     "the model's parameters were replaced after attach() (model.to_empty(), load_state_dict(assign=True), "
@@ -27,9 +28,10 @@ def optimizers_of(optimizer) -> list[torch.optim.Optimizer]:
             raise TypeError(
                 f"attach() takes torch.optim.Optimizer objects, got {type(opt).__name__}, a framework's "
                 "wrapper. The framework also decides when to step and how the loss is scaled, so use its "
-                "integration: gacc_kernels.integrations.transformers (HF Trainer), .accelerate, .lightning "
-                "(Trainer) or .fabric (Lightning Fabric). In a loop of your own, attach the torch optimizer "
-                "it wraps (wrapper.optimizer).")
+                "integration: gacc_kernels.integrations.transformers (HF Trainer), "
+                "gacc_kernels.integrations.accelerate, gacc_kernels.integrations.lightning (Trainer) or "
+                "gacc_kernels.integrations.fabric (Lightning Fabric). In a loop of your own, attach the "
+                "torch optimizer it wraps (wrapper.optimizer).")
     if len({id(o) for o in optimizers}) != len(optimizers):
         raise ValueError("attach() was given the same optimizer twice")
     return optimizers
@@ -89,6 +91,11 @@ def managed_parameters(model: torch.nn.Module,
         raise ValueError(f"{len(meta)} parameters are on the meta device ({meta[0]}, ...): materialize the "
                          "model first (model.to_empty(device=...) and load or initialize the weights), "
                          "then attach()")
+    odd = [(n, p.dtype) for n, p in model.named_parameters() if p.requires_grad and p.dtype not in GRAD_DTYPES]
+    if odd:
+        raise ValueError(f"parameter {odd[0][0]} is {odd[0][1]}: gacc accumulates float32, bfloat16 and float16 "
+                         "grads in fp32, and autograd already accumulates this dtype at its own precision. "
+                         "Train it without gacc, or in one of those dtypes")
     managed = {id(p) for p in params}
     frozen = {id(p) for p in model.parameters() if not p.requires_grad}  # never get a grad (LoRA's base)
     for opt in optimizers:

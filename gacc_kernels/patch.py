@@ -13,18 +13,20 @@ _NONE = object()
 
 
 def set_attr(obj: Any, name: str, value: Any, undo: contextlib.ExitStack) -> None:
-    """obj.name = value on the instance; when `undo` closes, the instance's own earlier value is back
-    (or none)."""
-    before = vars(obj).get(name, _NONE)
-    setattr(obj, name, value)
-    undo.callback(_restore, obj, name, before)
+    """obj.name = value in the instance's own dict (not through a class's __setattr__, which may forward
+    it elsewhere: Fabric's module copies it onto the user's module); when `undo` closes, the instance's
+    own earlier value is back (or none)."""
+    state = vars(obj)
+    before = state.get(name, _NONE)
+    state[name] = value
+    undo.callback(_restore, state, name, before)
 
 
-def _restore(obj: Any, name: str, before: Any) -> None:
+def _restore(state: dict[str, Any], name: str, before: Any) -> None:
     if before is _NONE:
-        delattr(obj, name)
+        state.pop(name, None)
     else:
-        setattr(obj, name, before)
+        state[name] = before
 
 
 def plain_copies(obj: Any, undo: contextlib.ExitStack, attrs: tuple[str, ...] = (),

@@ -59,11 +59,11 @@ def open_main_grads(slots: list[Slot], window: int) -> None:
         slot.param.main_grad = slot.main
 
 
-def check_unpublished(slots: list[Slot], window: int, name) -> None:
-    """Before a step: a parameter that got no grad in the window has none, unless something outside
-    gacc wrote it after publishing (a reducer gacc does not control, a hook): refused, not stepped on."""
+def check_unpublished(slots: list[Slot], published: set[Slot], name) -> None:
+    """Before a step: a parameter the window gave no result (on any rank) has no grad, unless something
+    outside gacc wrote it after publishing (a reducer gacc does not control, a hook): refused."""
     for s in slots:
-        if s.param.grad is not None and not s.holds(window):
+        if s.param.grad is not None and s not in published:
             raise RuntimeError(
                 f"p.grad of {name(s.param)} was set after gacc finished the window, though the window gave it "
                 "no gradient: something outside gacc wrote it (a reducer gacc does not control, such as "

@@ -65,7 +65,7 @@ class Stepping:
         self.events.finish_pending()
         events = self.events
         if events.window.has_result():
-            publish.check_unpublished(events.slots, events.window.id, self.guards.name)
+            publish.check_unpublished(events.slots, events.published, self.guards.name)
         publish.carry_in_place_edits(events.slots)
 
     def _after_step(self, optimizer, args, kwargs) -> None:

@@ -93,15 +93,8 @@ def attach(fabric, model: torch.nn.Module, optimizer, steps: int, **kwargs) -> G
     sync = LoopSync(fabric, module)
     given = kwargs.pop("window_end", None)
     kwargs["window_end"] = sync.ends_window if given is None else lambda: sync.ends_window() | bool(given())
-    with _no_forwarding(module):
-        acc = attach_core(model, optimizers, steps=steps, **kwargs)
+    acc = attach_core(model, optimizers, steps=steps, **kwargs)
     acc.set_while_attached(fabric, "no_backward_sync", sync.no_backward_sync)
-    remove = acc.remove
-
-    def remove_here() -> None:  # remove() puts back what attach set, on the Fabric module only too
-        with _no_forwarding(module):
-            remove()
-    acc.set_while_attached(acc, "remove", remove_here)
     for wrapper, opt in zip(wrappers, optimizers):
         if wrapper is not opt:  # torch's zero_grad would run on the wrapper itself, not gacc's
             acc.set_while_attached(wrapper, "zero_grad", opt.zero_grad)
@@ -136,22 +129,6 @@ class LoopSync:
 
     def ends_window(self) -> bool:
         return self.toggled and self.skip is False
-
-
-@contextlib.contextmanager
-def _no_forwarding(module: _FabricModule):
-    """A _FabricModule forwards setattr of names its inner module has (zero_grad, __getstate__) to that
-    module too: what gacc sets on the Fabric module (and puts back at remove()) would land on the user's
-    module as well, outlive remove() there, and make copies of the user's module copy the Fabric module's
-    state. While attach() and remove() run, attributes set on the Fabric module stay on it (as Fabric
-    does for its own until its __init__ ends)."""
-    flag, state = "_fabric_module_initialized", vars(module)
-    before = state.get(flag, False)
-    state[flag] = False
-    try:
-        yield
-    finally:
-        state[flag] = before
 
 
 def clip_through(acc: GradAccumulator, strategy) -> None:

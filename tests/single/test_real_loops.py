@@ -477,3 +477,10 @@ def test_a_replaced_fp32_grad_is_carried_into_main_grad():
         opt.step()
     assert torch.equal(model.a.weight.main_grad, halved)
     acc.remove()
+
+
+def test_float64_parameters_are_refused_at_attach():
+    model = Net().double()
+    with pytest.raises(ValueError, match=r"parameter a\.weight is torch\.float64"):
+        gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2)
+    assert "zero_grad" not in vars(model)
