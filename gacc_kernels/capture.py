@@ -107,6 +107,7 @@ class Capture:
                 raise RuntimeError(COMPILED_AUTOGRAD)
             # may refuse: nothing recorded yet
             self.sink.backward_starting(self._will_accumulate, accumulated)
+            # private: the id of the engine's graph task on this thread
             self.task, self.delivered = torch._C._current_graph_task_id(), False
             torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
             self._arm()

@@ -157,7 +157,7 @@ def _slot_weight_grad(capture, slot: Slot, gemm: Gemm) -> WeightGrad:
     node = torch.autograd.graph.get_gradient_edge(slot.param).node  # the weight's AccumulateGrad
 
     def weight_grad(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
-        try:
+        try:  # private: whether the engine's current graph task runs this node
             accumulates = torch._C._will_engine_execute_node(node)
         except RuntimeError:  # torch.autograd.grad(..., inputs=[weight])
             return dy.t().mm(x)

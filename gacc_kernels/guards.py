@@ -123,6 +123,7 @@ class Guards:
     def __init__(self, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer],
                  params: list[torch.nn.Parameter]):
         self.model, self.optimizers, self.params = model, optimizers, params
+        # private: Module._parameters, the dict a module's parameter attributes live in
         owner = {id(p): (m._parameters, n) for m in model.modules() for n, p in m._parameters.items()
                  if p is not None}
         self._held_in = [owner[id(p)] for p in params]  # (its module's _parameters, its name) for each

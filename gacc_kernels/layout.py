@@ -195,6 +195,7 @@ class Bucket:
 def _wait_for_producer(bucket: Bucket) -> None:
     """Grads made on another CUDA stream: the launch stream waits for that one, and their memory is
     not reused before the launch has read it. Streams are compared by their raw handles."""
+    # private: the current stream's raw handle, compared with the one the grads were made on
     if bucket.stream is None or torch._C._cuda_getCurrentRawStream(bucket.buffer.cuda_index) == bucket.stream:
         return
     consumer = torch.cuda.current_stream(bucket.buffer.device)

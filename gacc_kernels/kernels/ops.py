@@ -44,6 +44,7 @@ if EXTENSION_ERROR is None:
 
 
 def _extension_has(op: str, key: str) -> bool:
+    # private: whether the dispatcher holds a kernel of this op for this key
     return EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(f"gacc::{op}", key)
 
 
