@@ -484,3 +484,20 @@ def test_float64_parameters_are_refused_at_attach():
     with pytest.raises(ValueError, match=r"parameter a\.weight is torch\.float64"):
         gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2)
     assert "zero_grad" not in vars(model)
+
+
+def test_clip_grad_value_before_an_early_step_sees_the_final_grads():
+    stock, loader = Net(), data(3)
+    model = copy.deepcopy(stock)
+    want = recorder(opt_s := torch.optim.SGD(stock.parameters(), lr=0.1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = gacc_kernels.attach(model, opt, steps=4)
+    got = recorder(opt)
+    for m, o in ((stock, opt_s), (model, opt)):
+        for x, y in loader:  # 3 of K=4: the step comes early
+            F.cross_entropy(m(x), y).backward()
+        torch.nn.utils.clip_grad_value_(m.parameters(), 1e-3)
+        o.step()
+    assert_same(got[0], want[0])
+    assert max(g.abs().max() for g in got[0]) <= 1e-3
+    acc.remove()
