@@ -30,9 +30,12 @@ class Stepping:
                  guards: Guards):
         self.model, self.optimizers, self.events, self.guards = model, optimizers, events, guards
         slot_of = {id(s.param): s for s in events.slots}
-        # each optimizer's managed parameters' slots
+        # what each optimizer's zero_grad discards: its parameters' slots, and those of no optimizer
+        # (so one optimizer's zero_grad discards the whole window, as before there were several)
+        owned = {id(p) for o in optimizers for g in o.param_groups for p in g["params"]}
+        orphans = [s for s in events.slots if id(s.param) not in owned]
         self.slots_of = {id(o): [slot_of[id(p)] for g in o.param_groups for p in g["params"]
-                                 if id(p) in slot_of]
+                                 if id(p) in slot_of] + orphans
                          for o in optimizers}
 
     def install(self, undo: contextlib.ExitStack) -> None:
