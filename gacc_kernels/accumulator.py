@@ -54,7 +54,7 @@ class GradAccumulator:
     window_end, a callable read as each backward starts, ends the window after that micro-step when it
     returns True (a framework's sync point), before the K-th; `steps` stays the most a window may hold.
 
-    Data parallel: on a DistributedDataParallel model (DDP's own sync is turned off), or on a plain
+    Data parallel: on a DistributedDataParallel model (DDP's own reducer never runs), or on a plain
     model with process_group= (its parameters and buffers are broadcast from the group's first rank
     at attach, as DDP does), the window's result is reduced over the ranks bucket by bucket while the
     last backward runs: reduction="sum" averages the ranks as DDP does; "mean" gives sum over ranks

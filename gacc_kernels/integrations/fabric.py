@@ -16,7 +16,7 @@ What it translates (Fabric 2.x):
   (a loop that divides its loss by K gets the mean, one that does not gets K times it, as in stock);
   under DDP the ranks are averaged as DDP does. reduction="mean" (with loss_scale=) as in attach().
 - gacc attaches to the Fabric module (it holds the DDP wrapper under strategy="ddp", whose own reducer
-  gacc turns off) and the torch optimizer inside the Fabric optimizer.
+  gacc keeps off) and the torch optimizer inside the Fabric optimizer.
 - The window ends at the K-th micro-step, or earlier where the loop syncs: a micro-step inside
   `fabric.no_backward_sync(model, enabled=False)` after others with enabled=True (under DDP gacc reads
   DDP's flag; on one device, where Fabric drops `enabled`, this module reads it). So p.grad is final
