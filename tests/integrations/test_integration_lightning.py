@@ -193,6 +193,23 @@ def test_lightning_fp16_with_a_grad_scaler():
         torch.testing.assert_close(p, q, rtol=1e-2, atol=1e-3)
 
 
+def test_lightning_fp16_checkpoint_every_step_survives_a_skipped_step(tmp_path):
+    """The first steps of an fp16 run overflow and the scaler skips them; ModelCheckpoint(every_n_train_steps=1)
+    saves right after each. That used to die inside trainer.fit ("call optimizer.step() first")."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)  # the first window overflows
+    module = Module(MLP())
+    saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1)
+    trainer = pl.Trainer(max_epochs=1, accumulate_grad_batches=3, callbacks=[GaccCallback(), saver], logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+                         plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    trainer.fit(module, torch.utils.data.DataLoader(micro_batches(), batch_size=None))
+    assert scaler.get_scale() < 2.0**127, "a step must have been skipped"
+    assert trainer.global_step == 4 and len(list(tmp_path.glob("*.ckpt"))) == 4
+
+
 # -- a tiny Llama on variable-length, padded sequences (as in test_integration_transformers.py) ------------
 
 class CausalLM(pl.LightningModule):
