@@ -91,11 +91,12 @@ def managed_parameters(model: torch.nn.Module,
         raise ValueError(f"{len(meta)} parameters are on the meta device ({meta[0]}, ...): materialize the "
                          "model first (model.to_empty(device=...) and load or initialize the weights), "
                          "then attach()")
-    odd = [(n, p.dtype) for n, p in model.named_parameters() if p.requires_grad and p.dtype not in GRAD_DTYPES]
+    odd = [(n, p.dtype) for n, p in model.named_parameters()
+           if p.requires_grad and p.dtype not in GRAD_DTYPES]
     if odd:
-        raise ValueError(f"parameter {odd[0][0]} is {odd[0][1]}: gacc accumulates float32, bfloat16 and float16 "
-                         "grads in fp32, and autograd already accumulates this dtype at its own precision. "
-                         "Train it without gacc, or in one of those dtypes")
+        raise ValueError(f"parameter {odd[0][0]} is {odd[0][1]}: gacc accumulates float32, bfloat16 and "
+                         "float16 grads in fp32, and autograd already accumulates this dtype at its own "
+                         "precision. Train it without gacc, or in one of those dtypes")
     managed = {id(p) for p in params}
     frozen = {id(p) for p in model.parameters() if not p.requires_grad}  # never get a grad (LoRA's base)
     for opt in optimizers:

@@ -65,8 +65,8 @@ def check_unpublished(slots: list[Slot], published: set[Slot], name) -> None:
     for s in slots:
         if s.param.grad is not None and s not in published:
             raise RuntimeError(
-                f"p.grad of {name(s.param)} was set after gacc finished the window, though the window gave it "
-                "no gradient: something outside gacc wrote it (a reducer gacc does not control, such as "
+                f"p.grad of {name(s.param)} was set after gacc finished the window, though the window gave "
+                "it no gradient: something outside gacc wrote it (a reducer gacc does not control, such as "
                 "DDP's own when its sync is forced on inside backward, or a hook that assigns p.grad). "
                 "The optimizer would step on it; call optimizer.zero_grad() to discard the window.")
 

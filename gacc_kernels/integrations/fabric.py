@@ -71,8 +71,8 @@ def check_strategy(strategy) -> None:
         if isinstance(strategy, cls):
             raise RuntimeError(f"gacc does not run under Fabric's {name}: {why}")
     if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
-        raise RuntimeError(f"gacc does not run under Fabric's {name} (not supported yet): use a single device "
-                           'or strategy="ddp"')
+        raise RuntimeError(f"gacc does not run under Fabric's {name} (not supported yet): use a single "
+                           'device or strategy="ddp"')
 
 
 def attach(fabric, model: torch.nn.Module, optimizer, steps: int, **kwargs) -> GradAccumulator:
@@ -80,14 +80,14 @@ def attach(fabric, model: torch.nn.Module, optimizer, steps: int, **kwargs) -> G
     gacc_kernels.attach (reduction, loss_scale, bucket_bytes, comm_dtype, ...)."""
     check_strategy(fabric.strategy)
     if not isinstance(_unwrap_compiled(model)[0], _FabricModule):
-        raise TypeError(f"attach() takes the module that fabric.setup() returned, got {type(model).__name__}: "
-                        "under DDP the DDP wrapper is inside it")
+        raise TypeError("attach() takes the module that fabric.setup() returned, got "
+                        f"{type(model).__name__}: under DDP the DDP wrapper is inside it")
     wrappers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
     optimizers = [o.optimizer if isinstance(o, _FabricOptimizer) else o for o in wrappers]
     precision = fabric.strategy.precision
     if isinstance(precision, DoublePrecision):
-        raise RuntimeError("gacc does not run under Fabric's precision=\"64-true\": it accumulates in fp32, and "
-                           "stock accumulation of float64 parameters is float64 already")
+        raise RuntimeError("gacc does not run under Fabric's precision=\"64-true\": it accumulates in fp32, "
+                           "and stock accumulation of float64 parameters is float64 already")
     kwargs.setdefault("scaler", getattr(precision, "scaler", None))
     module = _unwrap_compiled(model)[0]
     sync = LoopSync(fabric, module)
@@ -143,9 +143,9 @@ def clip_through(acc: GradAccumulator, strategy) -> None:
             return original(module, optimizer, max_norm, norm_type, error_if_nonfinite)
         if error_if_nonfinite and not torch.isfinite(norm):
             raise RuntimeError(
-                f"The total norm of order {float(norm_type)} for gradients from `parameters` is non-finite, so it "
-                "cannot be clipped. To disable this error and scale the gradients by the non-finite norm anyway, "
-                "set `error_if_nonfinite=False`")
+                f"The total norm of order {float(norm_type)} for gradients from `parameters` is non-finite, "
+                "so it cannot be clipped. To disable this error and scale the gradients by the non-finite "
+                "norm anyway, set `error_if_nonfinite=False`")
         if float(max_norm) != float("inf"):
             acc.clip_grad_norm_(max_norm)
         return norm
