@@ -153,13 +153,15 @@ class GradAccumulator:
             raise RuntimeError("no finished window: run at least one micro-step's backward")
         return events.reducer.global_sq_norm(events.finalizer.local_sq_norm()).sqrt()
 
-    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0,
+                        total_norm: torch.Tensor | None = None) -> torch.Tensor:
         """Like torch.nn.utils.clip_grad_norm_ over the model's gradients, using the fused pass's norm;
-        clips p.grad and p.main_grad alike."""
+        clips p.grad and p.main_grad alike. total_norm: a norm taken over more than this accumulator's
+        parameters (the stages of a pipeline), to clip by instead."""
         if float(norm_type) != 2.0:
             raise ValueError("gacc clip_grad_norm_ supports norm_type=2 only; "
                              "use torch.nn.utils.clip_grad_norm_")
-        total = self.total_norm()
+        total = self.total_norm() if total_norm is None else total_norm
         coef = (float(max_norm) / (total + 1e-6)).clamp(max=1.0).reshape(1)
         self._parts.events.finalizer.clip_(coef)
         publish.mark_current(self._parts.events.slots)
