@@ -161,7 +161,8 @@ class GradAccumulator:
         if float(norm_type) != 2.0:
             raise ValueError("gacc clip_grad_norm_ supports norm_type=2 only; "
                              "use torch.nn.utils.clip_grad_norm_")
-        total = self.total_norm() if total_norm is None else total_norm
+        own = self.total_norm()  # finishes a pending window
+        total = own if total_norm is None else total_norm
         coef = (float(max_norm) / (total + 1e-6)).clamp(max=1.0).reshape(1)
         self._parts.events.finalizer.clip_(coef)
         publish.mark_current(self._parts.events.slots)
