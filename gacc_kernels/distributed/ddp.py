@@ -60,6 +60,7 @@ class SyncFlag:
         self.ddp = ddp
         self.toggled = False  # the loop has turned sync off at some forward since attach
         self.sync = True      # the flag at the last forward with grad enabled
+        self._loop = True     # the loop's flag while DDP's forward runs with it hidden
 
     def install(self, undo: contextlib.ExitStack) -> None:
         pre = self.ddp.register_forward_pre_hook(self._before_forward, prepend=True)
