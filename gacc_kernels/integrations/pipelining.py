@@ -1,0 +1,246 @@
+"""torch.distributed.pipelining: `acc = gacc_kernels.integrations.pipelining.attach(schedule, optimizer)`, on
+each rank, after building the rank's stage(s) and the schedule, and before the first `schedule.step()`:
+
+    from gacc_kernels.integrations import pipelining as gacc_pp
+
+    schedule = Schedule1F1B(stage, n_microbatches=M, loss_fn=loss_fn)   # or a list of stages per rank
+    acc = gacc_pp.attach(schedule, optimizer, outer=1)
+    for batch in loader:
+        schedule.step(x, target=y)          # first stage: schedule.step(x); others: schedule.step(...)
+        gacc_pp.clip_grad_norm_(acc, 1.0)   # optional: the global norm, over every stage of the pipeline
+        optimizer.step()
+        optimizer.zero_grad()
+
+What it translates (torch 2.14's pipelining, FULL_BACKWARD schedules):
+- Each micro-batch's backward of a stage is one `torch.autograd.backward` call (`stage_backward`), so
+  gacc sees it as one micro-step. The window on a rank is `n_microbatches x stages on the rank x outer`
+  micro-steps, read from the schedule (`schedule._n_microbatches`, `schedule._stage` or
+  `schedule._stages`); `outer` is the number of `schedule.step()` calls per optimizer step when the loop
+  accumulates over steps itself (default 1). A short window (an early `optimizer.step()`, a clip) is
+  finished there, as in the core.
+- The schedule's `scale_grads` (its default True divides every p.grad by n_microbatches once per
+  `step()`, after the backwards) is turned off while attached (`schedule.scale_grads = False`, restored by
+  `acc.remove()`), and the 1/n_microbatches is folded into gacc's last pass (attach's `loss_scale`), so
+  nothing is divided twice. The optimizer sees what the stock schedule gives (the sum of the micro-batches'
+  grads, divided by n_microbatches where scale_grads=True), accumulated in fp32. With `outer > 1` and
+  scale_grads=True, stock torch divides the *whole* p.grad at each step(), so the grads of the earlier
+  step()s are divided again (n_microbatches^2, ...); gacc divides each micro-batch once: the result is
+  sum over all outer x n_microbatches micro-batches / n_microbatches.
+- One accumulator per rank. With one stage on the rank gacc attaches to its `stage.submod`; with several
+  (interleaved and looped schedules, one optimizer over all chunks) to a container module holding the
+  chunks (`acc.model`, parameters named `stage<i>.<name>`), whose forward hooks are run at each chunk's
+  forward so that each backward is seen from its start, as for one model.
+- `clip_grad_norm_(acc, max_norm, group=None)`: the L2 norm over every stage of the pipeline (each rank's
+  fp32 norm from gacc's fused pass, the squares all-reduced over `group`, by default the stages' process
+  group), then gacc's fp32 clip of p.grad and p.main_grad by that norm. `torch.nn.utils.clip_grad_norm_`
+  over a rank's parameters clips by that rank's norm only, as in stock torch.
+- kwargs to the core's attach: `loss_scale=c` (the loss_fn multiplies each micro-batch's loss by c;
+  combined with the schedule's scaling), `bucket_bytes`, `fuse_linear`.
+
+Refused at attach, with what to do:
+- schedules that split backward into input (I) and weight (W) parts (ScheduleInterleavedZeroBubble,
+  ScheduleZBVZeroBubble, ScheduleDualPipeV, and any schedule whose actions hold I, W or overlapped F/B):
+  the weight part sets `weight.grad = dw` by hand, which gacc's hooks never see. Use a FULL_BACKWARD
+  schedule (ScheduleGPipe, Schedule1F1B, ScheduleInterleaved1F1B, ScheduleLoopedBFS). Also stages with a
+  `dw_builder`, custom functions registered on the schedule, schedules that override how the stock ones
+  run their micro-batches, and schedules with no loss_fn (no backward).
+- a stage's submodule wrapped in DistributedDataParallel or FSDP (fully_shard, replicate), not supported
+  yet: the schedule runs DDP's non-last micro-batches under no_sync() and calls
+  `reducer.prepare_for_backward` itself before the last one, which turns DDP's reducer on behind gacc's
+  sync-flag handling (it would all-reduce the grads gacc has taken); under FSDP the schedule turns
+  gradient sync off and runs the post-backward itself.
+- `scaler=` (a GradScaler's found_inf must be agreed over the stages, which gacc's public API cannot do
+  yet; bf16 needs no scaler), `reduction="mean"` (the schedule's scale_grads says how micro-batches
+  combine), `process_group=` / `comm_dtype=` (data parallel across pipelines: not yet), `steps=` and
+  `window_end=` (read from the schedule).
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.pipelining import schedules as pp_schedules
+from torch.distributed.pipelining.stage import _PipelineStageBase
+from torch.nn.parallel import DistributedDataParallel
+
+from ..accumulator import GradAccumulator
+from ..attaching import attach as attach_core
+
+FULL_BACKWARD_SCHEDULES = "ScheduleGPipe, Schedule1F1B, ScheduleInterleaved1F1B or ScheduleLoopedBFS"
+_ZERO_BUBBLE = ("ScheduleInterleavedZeroBubble", "ScheduleZBVZeroBubble", "ScheduleDualPipeV")
+_PASSED = ("loss_scale", "bucket_bytes", "fuse_linear")
+_REFUSED_KWARGS = {
+    "steps": "the window is read from the schedule (n_microbatches x stages on this rank x outer)",
+    "window_end": "the window is read from the schedule (n_microbatches x stages on this rank x outer)",
+    "scaler": ("a GradScaler with pipelining is not supported yet: its found_inf must be agreed over all "
+               "stages, which gacc's public API cannot do; train in bf16 (no scaler needed)"),
+    "process_group": "data parallel across pipelines is not supported yet with pipelining",
+    "comm_dtype": "data parallel across pipelines is not supported yet with pipelining",
+}
+_FORWARDING = "_gacc_forward_chunks"  # on the container while attached: its chunks run its forward hooks
+_GROUPS: weakref.WeakKeyDictionary[GradAccumulator, object] = weakref.WeakKeyDictionary()
+
+
+def attach(schedule, optimizer, outer: int = 1, **kwargs) -> GradAccumulator:
+    """Enable gacc on this rank's stage(s) of a FULL_BACKWARD pipelining schedule. `optimizer`: the torch
+    optimizer over this rank's stage(s) (or a list of them); `outer`: schedule.step() calls per optimizer
+    step. kwargs: loss_scale, bucket_bytes, fuse_linear (see gacc_kernels.attach)."""
+    if not isinstance(outer, int) or isinstance(outer, bool) or outer < 1:
+        raise ValueError(f"outer must be an int >= 1 (schedule.step() calls per optimizer step), got {outer!r}")
+    loss_scale = float(kwargs.pop("loss_scale", 1.0))
+    reduction = kwargs.pop("reduction", "sum")
+    if reduction != "sum":
+        raise ValueError(f"reduction={reduction!r} is not supported with pipelining: the schedule's scale_grads "
+                         "says how micro-batches combine (scale_grads=True: their mean), and gacc gives "
+                         "exactly that; pass loss_scale= for a factor the loss_fn applies")
+    for name in kwargs:
+        if name in _REFUSED_KWARGS:
+            raise ValueError(f"{name}= with pipelining.attach: {_REFUSED_KWARGS[name]}")
+        if name not in _PASSED:
+            raise TypeError(f"pipelining.attach() got an unexpected keyword argument {name!r}")
+    stages = stages_of(schedule)
+    check_schedule(schedule, stages)
+    for stage in stages:
+        check_stage(stage)
+    n = int(schedule._n_microbatches)  # private: the schedule's micro-batch count
+    scale = n if schedule.scale_grads else 1
+    modules = [stage.submod for stage in stages]
+    model = modules[0] if len(modules) == 1 else _Chunks(stages)
+    acc = attach_core(model, optimizer, steps=n * len(stages) * outer, loss_scale=loss_scale * scale, **kwargs)
+    try:
+        acc.set_while_attached(schedule, "scale_grads", False)  # folded into loss_scale
+        if len(modules) > 1:
+            acc.set_while_attached(model, _FORWARDING, True)
+            for module in modules:
+                _forward_hooks_of(model, module)
+    except BaseException:
+        acc.remove()
+        raise
+    _GROUPS[acc] = stages[0].group
+    return acc
+
+
+def clip_grad_norm_(acc: GradAccumulator, max_norm: float, group=None) -> torch.Tensor:
+    """Clip this rank's grads by the L2 norm over all stages of the pipeline, in fp32 (p.grad and p.main_grad
+    alike), and return that norm. Every rank of `group` (default: the process group of the stages given to
+    attach) must call it. Finishes a pending window first."""
+    if group is None:
+        group = _GROUPS.get(acc)
+    local = acc.total_norm()
+    sq = local.double().square().reshape(1)
+    dist.all_reduce(sq, group=group)
+    total = sq.sqrt().to(local.dtype).reshape(local.shape)
+    return acc.clip_grad_norm_(max_norm, total_norm=total)
+
+
+# -- what the schedule and its stages are ------------------------------------------------------------
+
+
+def stages_of(schedule) -> list:
+    """This rank's stages: schedule._stage (single-stage schedules) or schedule._stages."""
+    if isinstance(schedule, pp_schedules.PipelineScheduleSingle):
+        return [schedule._stage]  # private: the schedule's stage
+    if isinstance(schedule, pp_schedules.PipelineScheduleMulti):
+        return list(schedule._stages)  # private: the schedule's stages on this rank
+    raise TypeError(f"pipelining.attach() takes a torch.distributed.pipelining schedule, got "
+                    f"{type(schedule).__name__}")
+
+
+def _split_backward(name: str) -> ValueError:
+    return ValueError(
+        f"gacc does not support {name}: it splits each backward into an input part (I) and a weight part "
+        "(W), which sets weight.grad = dw by hand, so gacc's hooks never see those grads. Use a "
+        f"FULL_BACKWARD schedule ({FULL_BACKWARD_SCHEDULES}) with gacc; zero-bubble schedules are not "
+        "supported yet")
+
+
+def check_schedule(schedule, stages: list) -> None:
+    """A schedule whose every backward is one full torch.autograd.backward of a stage."""
+    name = type(schedule).__name__
+    if any(c.__name__ in _ZERO_BUBBLE for c in type(schedule).__mro__):
+        raise _split_backward(name)
+    if schedule._loss_fn is None:  # private: the schedule's loss_fn (None: forward only)
+        raise ValueError(f"this {name} has no loss_fn, so it runs no backward: nothing to accumulate")
+    run = type(schedule)._step_microbatches
+    if isinstance(schedule, pp_schedules.PipelineScheduleSingle):
+        if run not in (pp_schedules.ScheduleGPipe._step_microbatches,
+                       pp_schedules.Schedule1F1B._step_microbatches):
+            raise ValueError(f"gacc does not support {name}: it runs its micro-batches in its own way, so gacc "
+                             f"cannot tell that each backward is a full one. Use {FULL_BACKWARD_SCHEDULES}")
+        return
+    if run not in (pp_schedules.PipelineScheduleMulti._step_microbatches,
+                   pp_schedules._PipelineScheduleRuntime._step_microbatches):
+        raise ValueError(f"gacc does not support {name}: it runs its micro-batches in its own way, so gacc "
+                         f"cannot tell that each backward is a full one. Use {FULL_BACKWARD_SCHEDULES}")
+    if getattr(schedule, "_comp_type_to_function_map", None):  # private: custom functions per action type
+        raise ValueError(f"gacc does not support a {name} with custom functions registered "
+                         "(register_custom_function): it cannot tell what they do with the grads")
+    orders = [getattr(schedule, "pipeline_order", None), getattr(schedule, "pipeline_order_with_comms", None)]
+    split = (pp_schedules.BACKWARD_INPUT, pp_schedules.BACKWARD_WEIGHT, pp_schedules.OVERLAP_F_B)
+    for order in orders:
+        for actions in (order or {}).values():
+            for action in actions:
+                if action is None:
+                    continue
+                inner = [action, *(action.sub_actions or ())]
+                if any(a.computation_type in split for a in inner):
+                    raise _split_backward(f"this {name}")
+
+
+def check_stage(stage) -> None:
+    if not isinstance(stage, _PipelineStageBase):
+        raise TypeError(f"the schedule's stage is a {type(stage).__name__}, not a pipelining stage")
+    if stage.dw_builder is not None:
+        raise ValueError(f"stage {stage.stage_index} has a dw_builder: its weight grads are made by a runner "
+                         "of its own, not through autograd's accumulation, so gacc cannot see them. Build the "
+                         "stage without dw_builder")
+    for m in stage.submod.modules():
+        if isinstance(m, DistributedDataParallel):
+            raise ValueError(
+                f"stage {stage.stage_index}'s submodule is wrapped in DistributedDataParallel, which gacc does "
+                "not support under pipelining yet: the schedule calls DDP's reducer.prepare_for_backward "
+                "itself before the last micro-batch, turning DDP's reducer on behind gacc (it would all-reduce "
+                "the grads gacc has taken). Use gacc on a stage without DDP, or stock pipelining with DDP")
+        if isinstance(m, FSDPModule) or type(m).__name__ == "FullyShardedDataParallel":
+            raise ValueError(
+                f"stage {stage.stage_index}'s submodule is sharded with FSDP (fully_shard or replicate), which "
+                "gacc does not support under pipelining yet: the schedule turns FSDP's gradient sync off and "
+                "runs its post-backward itself. Use gacc on a stage without FSDP, or stock pipelining")
+
+
+# -- several stages on one rank: one accumulator over their chunks --------------------------------------
+
+
+class _Chunks(torch.nn.Module):
+    """The chunks of this rank's stages, for one accumulator over them (one optimizer over all). Never
+    called: the schedule runs each chunk, and each chunk's forward runs this module's forward hooks."""
+
+    def __init__(self, stages: list):
+        super().__init__()
+        for stage in stages:
+            self.add_module(f"stage{stage.stage_index}", stage.submod)
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("this holds the pipeline stages' chunks for gacc; the schedule runs each chunk")
+
+
+def _forward_hooks_of(container: torch.nn.Module, chunk: torch.nn.Module) -> None:
+    """After each forward of the chunk, run the container's forward hooks (gacc's, which hook the outputs
+    to see each backward start) on its output; the hook removes itself once the accumulator is removed.
+    A copy of the chunk (deepcopy keeps hooks) runs none."""
+    container_ref, chunk_ref = weakref.ref(container), weakref.ref(chunk)
+
+    def hook(module, args, output):
+        owner = container_ref()
+        if owner is None or not vars(owner).get(_FORWARDING):
+            handle.remove()
+            return
+        if module is not chunk_ref():
+            return
+        # private: Module._forward_hooks, the container's forward hooks (only gacc's capture hooks it)
+        for forward_hook in tuple(owner._forward_hooks.values()):
+            forward_hook(owner, args, output)
+
+    handle = chunk.register_forward_hook(hook)

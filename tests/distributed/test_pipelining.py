@@ -1,0 +1,321 @@
+"""torch.distributed.pipelining with gacc (integrations/pipelining.py): two gloo processes on the CPU.
+
+A tiny MLP split into stages (one per rank: GPipe, 1F1B; two per rank: Interleaved1F1B, LoopedBFS), 4
+micro-batches per schedule.step(), 3 optimizer steps, optionally an outer loop of 2 step()s per optimizer
+step. Every stage's grads at each optimizer step (an optimizer step pre-hook registered after attach) and
+the parameters after the 3 steps are compared with the same schedule without gacc (stock) and with a
+float64 run of the whole model on the whole batch in one process. One spawn runs every case; the tests
+read its results.
+"""
+import copy
+import itertools
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
+    ScheduleLoopedBFS,
+    ScheduleZBVZeroBubble,
+)
+
+from gacc_kernels.integrations import pipelining as gacc_pp
+from helpers.spawn import spawn
+
+WORLD, N_MB, STEPS, LR, ROWS, MAX_NORM = 2, 4, 3, 0.1, 16, 0.05
+DIMS = [8, 16, 16, 16, 4]
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B,
+             "looped_bfs": ScheduleLoopedBFS}
+MULTI = ("interleaved", "looped_bfs")
+
+
+def case(schedule, scale, outer, dtype=torch.float32, clip=False):
+    return (schedule, scale, outer, str(dtype).removeprefix("torch."), clip)
+
+
+EXACT = [case(s, scale, outer) for s in ("gpipe", "1f1b") for scale in (True, False) for outer in (1, 2)] + [
+    case("interleaved", True, 1), case("looped_bfs", True, 2), case("looped_bfs", False, 1)]
+CLIPPED = case("1f1b", True, 1, clip=True)
+BF16 = case("gpipe", True, 2, torch.bfloat16)
+GACC_CASES = [*EXACT, CLIPPED, BF16]
+STOCK_CASES = [*EXACT, CLIPPED]
+
+
+def full_model(dtype=torch.float64) -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    layers = [torch.nn.Sequential(torch.nn.Linear(a, b), torch.nn.Tanh()) for a, b in itertools.pairwise(DIMS[:-1])]
+    return torch.nn.Sequential(*layers, torch.nn.Linear(DIMS[-2], DIMS[-1])).to(dtype)
+
+
+def split(model: torch.nn.Sequential, parts: int) -> list[torch.nn.Sequential]:
+    per = len(model) // parts
+    return [torch.nn.Sequential(*model[i * per:(i + 1) * per]) for i in range(parts)]
+
+
+def data(step, o, dtype=torch.float64):
+    g = torch.Generator().manual_seed(1000 * step + o)
+    return torch.randn(ROWS, DIMS[0], generator=g).to(dtype), torch.randn(ROWS, DIMS[-1], generator=g).to(dtype)
+
+
+def loss_fn(out, target):
+    return F.mse_loss(out, target)
+
+
+def stage_indices(schedule, rank):
+    """This rank's stages: one, or (looped/interleaved) rank and rank + WORLD."""
+    return [rank, rank + WORLD] if schedule in MULTI else [rank]
+
+
+def build(rank, schedule, scale, dtype, stock_scale=None):
+    indices = stage_indices(schedule, rank)
+    parts = split(full_model(dtype), WORLD * len(indices))
+    stages = [PipelineStage(parts[i], i, len(parts), torch.device("cpu")) for i in indices]
+    cls = SCHEDULES[schedule]
+    sched = cls(stages if schedule in MULTI else stages[0], n_microbatches=N_MB, loss_fn=loss_fn,
+                scale_grads=scale if stock_scale is None else stock_scale)
+    opt = torch.optim.SGD([p for i in indices for p in parts[i].parameters()], lr=LR)
+    return indices, parts, sched, opt
+
+
+def global_clip(params, group=None):
+    """Stock: clip by the norm over all ranks' parameters, in the grads' dtype."""
+    sq = torch.stack([p.grad.double().square().sum() for p in params]).sum().reshape(1)
+    dist.all_reduce(sq, group=group)
+    norm = sq.sqrt()
+    coef = min(1.0, MAX_NORM / (float(norm) + 1e-6))
+    for p in params:
+        p.grad.mul_(coef)
+    return norm
+
+
+def run(rank, schedule, scale, outer, dtype, clip, use_gacc, stock_scale=None, divide=False):
+    """One training run on this rank; returns per stage index the grads at each step and the final
+    parameters. divide: stock with scale_grads=False, dividing p.grad by N_MB once before each step."""
+    dtype = getattr(torch, dtype)
+    indices, parts, sched, opt = build(rank, schedule, scale, dtype, stock_scale)
+    micro = {}  # bf16: each micro-batch's grads as autograd made them (a hook that runs before gacc's)
+    if dtype is not torch.float32:
+        for i in indices:
+            for j, p in enumerate(parts[i].parameters()):
+                p.register_post_accumulate_grad_hook(
+                    lambda p, key=(i, j): micro.setdefault(key, []).append(p.grad.double().clone()))
+    acc = gacc_pp.attach(sched, opt, outer=outer) if use_gacc else None
+    out = {"grads": [], "main": [], "micro": [], "norms": []}
+
+    def record(optimizer, args, kwargs):
+        out["grads"].append({i: [p.grad.clone() for p in parts[i].parameters()] for i in indices})
+        if use_gacc:
+            out["main"].append({i: [p.main_grad.clone() for p in parts[i].parameters()] for i in indices})
+        out["micro"].append({k: torch.stack(v).sum(0) for k, v in micro.items()})
+        micro.clear()
+
+    opt.register_step_pre_hook(record)
+    last = WORLD * len(indices) - 1
+    for step in range(STEPS):
+        for o in range(outer):
+            x, y = data(step, o, dtype)
+            sched.step(*((x,) if 0 in indices else ()), target=y if last in indices else None)
+            if use_gacc:  # the window is n_microbatches x stages on the rank x outer micro-steps
+                params = opt.param_groups[0]["params"]
+                assert acc.window.has_result() == (o == outer - 1)
+                assert all((p.grad is not None) == (o == outer - 1) for p in params)
+        if divide:
+            for p in opt.param_groups[0]["params"]:
+                p.grad.div_(N_MB)
+        if clip:
+            params = opt.param_groups[0]["params"]
+            out["norms"].append(gacc_pp.clip_grad_norm_(acc, MAX_NORM) if use_gacc else global_clip(params))
+        opt.step()
+        opt.zero_grad()
+    out["params"] = {i: [p.detach().clone() for p in parts[i].parameters()] for i in indices}
+    if use_gacc:
+        assert sched.scale_grads is False
+        acc.remove()
+        out["scale_restored"] = sched.scale_grads is scale
+    return out
+
+
+def refusals(rank):
+    """Each refused setup's message (None where it was not refused)."""
+    got = {}
+
+    def attempt(key, fn):
+        try:
+            fn()
+            got[key] = None
+        except (ValueError, TypeError) as e:
+            got[key] = f"{type(e).__name__}: {e}"
+
+    def multi(cls, indices):
+        parts = split(full_model(torch.float32), 4)
+        stages = [PipelineStage(parts[i], i, 4, torch.device("cpu")) for i in indices]
+        opt = torch.optim.SGD([p for i in indices for p in parts[i].parameters()], lr=LR)
+        return cls(stages, n_microbatches=N_MB, loss_fn=loss_fn), opt
+
+    attempt("zero_bubble", lambda: gacc_pp.attach(*multi(ScheduleInterleavedZeroBubble, [rank, rank + 2]),
+                                                  outer=1))
+    attempt("zbv", lambda: gacc_pp.attach(*multi(ScheduleZBVZeroBubble, [rank, 3 - rank])))
+    _, _, sched, opt = build(rank, "gpipe", True, torch.float32)
+    attempt("scaler", lambda: gacc_pp.attach(sched, opt, scaler=torch.amp.GradScaler("cpu")))
+    attempt("mean", lambda: gacc_pp.attach(sched, opt, reduction="mean"))
+    attempt("steps", lambda: gacc_pp.attach(sched, opt, steps=4))
+    attempt("outer", lambda: gacc_pp.attach(sched, opt, outer=0))
+    got["untouched"] = sched.scale_grads is True
+    attempt("attach_after", lambda: gacc_pp.attach(sched, opt).remove())
+    ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(16, 16))  # the same shapes on every rank
+    stage = PipelineStage(ddp, rank, WORLD, torch.device("cpu"))
+    attempt("ddp", lambda: gacc_pp.attach(ScheduleGPipe(stage, N_MB, loss_fn=loss_fn),
+                                          torch.optim.SGD(ddp.parameters(), lr=LR)))
+    return got
+
+
+def _train(rank, path):
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    results = {"gacc": {}, "stock": {}}
+    for c in GACC_CASES:
+        results["gacc"][c] = run(rank, *c, use_gacc=True)
+    for c in STOCK_CASES:
+        scale, outer = c[1:3]
+        # stock scale_grads divides the whole p.grad at each step(): with outer > 1 the earlier step()s'
+        # grads again. What each step's scaling means is scale_grads=False and one division per micro-batch
+        intended = scale and outer > 1
+        results["stock"][c] = run(rank, *c, use_gacc=False, stock_scale=False if intended else None,
+                                  divide=intended)
+    results["stock_rescaled"] = run(rank, "gpipe", True, 2, "float32", False, use_gacc=False)
+    results["refusals"] = refusals(rank)
+    torch.save(results, f"{path}.{rank}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def reference(scale, outer, clip=False, rescale=False):
+    """float64, one process, the whole model on the whole batch: each step's grads, and the parameters
+    after the steps. rescale: stock's scale_grads with outer > 1 (the earlier step()s divided again)."""
+    model = full_model()
+    params = list(model.parameters())
+    out = {"grads": [], "norms": []}
+    for step in range(STEPS):
+        total = [torch.zeros_like(p) for p in params]
+        for o in range(outer):
+            x, y = data(step, o)
+            for m in range(N_MB):
+                rows = slice(m * ROWS // N_MB, (m + 1) * ROWS // N_MB)
+                gs = torch.autograd.grad(loss_fn(model(x[rows]), y[rows]), params)
+                total = [t + g / (N_MB if scale and not rescale else 1) for t, g in zip(total, gs)]
+            if rescale:
+                total = [t / N_MB for t in total]
+        if clip:
+            norm = torch.stack([g.norm() for g in total]).norm()
+            out["norms"].append(norm)
+            total = [g * min(1.0, MAX_NORM / (float(norm) + 1e-6)) for g in total]
+        out["grads"].append(total)
+        with torch.no_grad():
+            for p, g in zip(params, total):
+                p -= LR * g
+    out["params"] = [p.detach().clone() for p in params]
+    return out
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("pipelining") / "out")
+    spawn(_train, WORLD, path)
+    return [torch.load(f"{path}.{r}") for r in range(WORLD)]
+
+
+def merged(ranks, key, c, field):
+    """One list per step (or the final list) over all stages in stage order: the whole model's order."""
+    runs = [r[key][c] if c is not None else r[key] for r in ranks]
+    if field == "params":
+        by_stage = {i: v for run_ in runs for i, v in run_["params"].items()}
+        return [t for i in sorted(by_stage) for t in by_stage[i]]
+    steps = []
+    for s in range(STEPS):
+        by_stage = {i: v for run_ in runs for i, v in run_[field][s].items()}
+        steps.append([t for i in sorted(by_stage) for t in by_stage[i]])
+    return steps
+
+
+def close(got, expected, rtol, atol, what):
+    assert len(got) == len(expected), what
+    for j, (g, e) in enumerate(zip(got, expected)):
+        torch.testing.assert_close(g.double(), e.double(), rtol=rtol, atol=atol,
+                                   msg=lambda m, j=j: f"{what}, parameter {j}: {m}")
+
+
+@pytest.mark.parametrize("c", EXACT, ids=lambda c: "-".join(map(str, c[:3])))
+def test_fp32_equals_stock_and_float64(results, c):
+    scale, outer = c[1:3]
+    ref = reference(scale, outer)
+    gacc, stock = merged(results, "gacc", c, "grads"), merged(results, "stock", c, "grads")
+    for s in range(STEPS):
+        # the same fp32 additions in the same order, and a division by 4 (exact): stock's bits
+        close(gacc[s], stock[s], 0, 0, f"step {s}: gacc against stock")
+        close(gacc[s], ref["grads"][s], 1e-5, 1e-7, f"step {s}: gacc against float64")
+    close(merged(results, "gacc", c, "params"), merged(results, "stock", c, "params"), 0, 0,
+          "parameters after 3 steps: gacc against stock")
+    close(merged(results, "gacc", c, "params"), ref["params"], 1e-5, 1e-6,
+          "parameters after 3 steps: gacc against float64")
+    for r in results:
+        assert r["gacc"][c]["scale_restored"], "acc.remove() gives the schedule its scale_grads back"
+
+
+def test_stock_scale_grads_divides_earlier_steps_again(results):
+    """Why an outer loop with scale_grads=True is compared with one division per micro-batch: stock
+    torch divides the accumulated p.grad at every step()."""
+    stock = merged(results, "stock_rescaled", None, "grads")
+    rescaled, meant = reference(True, 2, rescale=True), reference(True, 2)
+    close(stock[0], rescaled["grads"][0], 1e-5, 1e-7, "stock scale_grads with outer=2")
+    assert not torch.allclose(stock[0][0].double(), meant["grads"][0][0], rtol=1e-2)
+
+
+def test_global_clip_is_the_float64_clip_by_the_norm_over_all_stages(results):
+    ref = reference(True, 1, clip=True)
+    gacc, stock = merged(results, "gacc", CLIPPED, "grads"), merged(results, "stock", CLIPPED, "grads")
+    for s in range(STEPS):
+        for r in results:
+            torch.testing.assert_close(r["gacc"][CLIPPED]["norms"][s].double(), ref["norms"][s], rtol=1e-5, atol=0)
+        assert float(ref["norms"][s]) > MAX_NORM, "the case must clip"
+        close(gacc[s], ref["grads"][s], 1e-5, 1e-8, f"step {s}: clipped grads against float64")
+        close(gacc[s], stock[s], 1e-5, 1e-9, f"step {s}: clipped grads against stock's global clip")
+    close(merged(results, "gacc", CLIPPED, "params"), ref["params"], 1e-5, 1e-6, "parameters after 3 steps")
+
+
+def test_bf16_sums_each_micro_batch_grad_in_fp32(results):
+    """bf16 stages: p.main_grad is the fp32 sum of the micro-batches' bf16 grads (as autograd made them)
+    / n_microbatches, and p.grad its one rounding to bf16; the weights stay near float64's."""
+    main, grads = merged(results, "gacc", BF16, "main"), merged(results, "gacc", BF16, "grads")
+    for s in range(STEPS):
+        micro = {}
+        for r in results:
+            micro.update(r["gacc"][BF16]["micro"][s])
+        expected = [micro[k] / N_MB for k in sorted(micro)]
+        close(main[s], expected, 1e-6, 1e-9, f"step {s}: main_grad against the float64 sum of bf16 grads")
+        for g, m in zip(grads[s], main[s]):
+            assert g.dtype == torch.bfloat16 and m.dtype == torch.float32
+            assert torch.equal(g, m.to(torch.bfloat16))
+    close(merged(results, "gacc", BF16, "params"), reference(True, 2)["params"], 0, 2e-2,
+          "bf16 parameters after 3 steps against float64")
+
+
+def test_refusals(results):
+    for r in results:
+        got = r["refusals"]
+        assert "ScheduleInterleavedZeroBubble" in got["zero_bubble"] and "FULL_BACKWARD" in got["zero_bubble"]
+        assert "ScheduleZBVZeroBubble" in got["zbv"]
+        assert "GradScaler" in got["scaler"]
+        assert "scale_grads" in got["mean"]
+        assert "read from the schedule" in got["steps"]
+        assert got["outer"] is not None
+        assert got["untouched"] and got["attach_after"] is None, "a refused attach changes nothing"
+        assert "DistributedDataParallel" in got["ddp"] and "not support" in got["ddp"]
+
+
+def test_refuses_a_schedule_that_is_not_one():
+    with pytest.raises(TypeError, match="pipelining schedule"):
+        gacc_pp.attach(copy.copy(torch.nn.Linear(2, 2)), torch.optim.SGD(torch.nn.Linear(2, 2).parameters()))
