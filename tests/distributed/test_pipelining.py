@@ -14,6 +14,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.pipelining import (
     PipelineStage,
     Schedule1F1B,
@@ -23,6 +25,9 @@ from torch.distributed.pipelining import (
     ScheduleLoopedBFS,
     ScheduleZBVZeroBubble,
 )
+from torch.distributed.pipelining.schedules import BACKWARD_INPUT as I
+from torch.distributed.pipelining.schedules import BACKWARD_WEIGHT as W
+from torch.distributed.pipelining.schedules import FULL_BACKWARD as B
 
 from gacc_kernels.integrations import pipelining as gacc_pp
 from helpers.spawn import spawn
@@ -160,6 +165,11 @@ def refusals(rank):
     attempt("zero_bubble", lambda: gacc_pp.attach(*multi(ScheduleInterleavedZeroBubble, [rank, rank + 2]),
                                                   outer=1))
     attempt("zbv", lambda: gacc_pp.attach(*multi(ScheduleZBVZeroBubble, [rank, 3 - rank])))
+    _, _, sched, opt = build(rank, "interleaved", True, torch.float32)  # its actions, split by hand
+    order = sched.pipeline_order[rank]
+    b = next(i for i, a in enumerate(order) if a is not None and a.computation_type == B)
+    order[b:b + 1] = [order[b]._replace(computation_type=I), order[b]._replace(computation_type=W)]
+    attempt("split_actions", lambda: gacc_pp.attach(sched, opt))
     _, _, sched, opt = build(rank, "gpipe", True, torch.float32)
     attempt("scaler", lambda: gacc_pp.attach(sched, opt, scaler=torch.amp.GradScaler("cpu")))
     attempt("mean", lambda: gacc_pp.attach(sched, opt, reduction="mean"))
@@ -171,6 +181,26 @@ def refusals(rank):
     stage = PipelineStage(ddp, rank, WORLD, torch.device("cpu"))
     attempt("ddp", lambda: gacc_pp.attach(ScheduleGPipe(stage, N_MB, loss_fn=loss_fn),
                                           torch.optim.SGD(ddp.parameters(), lr=LR)))
+    sharded = fully_shard(torch.nn.Linear(16, 16), mesh=init_device_mesh("cpu", (WORLD,)))
+    stage = PipelineStage(sharded, rank, WORLD, torch.device("cpu"))
+    attempt("fsdp", lambda: gacc_pp.attach(Schedule1F1B(stage, N_MB, loss_fn=loss_fn),
+                                           torch.optim.SGD(sharded.parameters(), lr=LR)))
+    return got
+
+
+def chunks_forwarding(rank):
+    """Two stages on a rank: each chunk's forward runs the accumulator's forward hooks (which hook the
+    outputs, to see each backward from its start); a copy of a chunk runs none, nor does the chunk
+    after acc.remove(), whose hook then removes itself."""
+    indices, parts, sched, opt = build(rank, "interleaved", True, torch.float32)
+    acc = gacc_pp.attach(sched, opt)
+    chunk = parts[indices[1]]
+    x = torch.randn(2, next(m for m in chunk.modules() if isinstance(m, torch.nn.Linear)).in_features)
+    got = {"names": [n for n, _ in acc.model.named_parameters()],
+           "hooked": bool(chunk(x)._backward_hooks), "copy_hooked": bool(copy.deepcopy(chunk)(x)._backward_hooks)}
+    acc.remove()
+    got["hooked_after_remove"] = bool(chunk(x)._backward_hooks)
+    got["hooks_left"] = len(chunk._forward_hooks)
     return got
 
 
@@ -188,6 +218,7 @@ def _train(rank, path):
                                   divide=intended)
     results["stock_rescaled"] = run(rank, "gpipe", True, 2, "float32", False, use_gacc=False)
     results["refusals"] = refusals(rank)
+    results["forwarding"] = chunks_forwarding(rank)
     torch.save(results, f"{path}.{rank}")
     dist.barrier()
     dist.destroy_process_group()
@@ -308,12 +339,22 @@ def test_refusals(results):
         got = r["refusals"]
         assert "ScheduleInterleavedZeroBubble" in got["zero_bubble"] and "FULL_BACKWARD" in got["zero_bubble"]
         assert "ScheduleZBVZeroBubble" in got["zbv"]
+        assert "this ScheduleInterleaved1F1B: it splits each backward" in got["split_actions"]
         assert "GradScaler" in got["scaler"]
         assert "scale_grads" in got["mean"]
         assert "read from the schedule" in got["steps"]
         assert got["outer"] is not None
         assert got["untouched"] and got["attach_after"] is None, "a refused attach changes nothing"
         assert "DistributedDataParallel" in got["ddp"] and "not support" in got["ddp"]
+        assert "FSDP" in got["fsdp"] and "not support" in got["fsdp"]
+
+
+def test_several_stages_on_a_rank_run_the_accumulators_forward_hooks(results):
+    for rank, r in enumerate(results):
+        got = r["forwarding"]
+        assert got["names"][0] == f"stage{rank}.0.0.weight"
+        assert got["hooked"] and not got["copy_hooked"]
+        assert not got["hooked_after_remove"] and got["hooks_left"] == 0
 
 
 def test_refuses_a_schedule_that_is_not_one():
