@@ -6,7 +6,7 @@ each rank, after building the rank's stage(s) and the schedule, and before the f
     schedule = Schedule1F1B(stage, n_microbatches=M, loss_fn=loss_fn)   # or a list of stages per rank
     acc = gacc_pp.attach(schedule, optimizer, outer=1)
     for batch in loader:
-        schedule.step(x, target=y)          # first stage: schedule.step(x); others: schedule.step(...)
+        schedule.step(*inputs, target=y)    # inputs on the first stage's rank, target on the last's
         gacc_pp.clip_grad_norm_(acc, 1.0)   # optional: the global norm, over every stage of the pipeline
         optimizer.step()
         optimizer.zero_grad()
@@ -66,6 +66,7 @@ from torch.distributed.pipelining.stage import _PipelineStageBase
 from torch.nn.parallel import DistributedDataParallel
 
 from ..accumulator import GradAccumulator
+from ..attaching import ATTACHED
 from ..attaching import attach as attach_core
 
 FULL_BACKWARD_SCHEDULES = "ScheduleGPipe, Schedule1F1B, ScheduleInterleaved1F1B or ScheduleLoopedBFS"
@@ -81,6 +82,7 @@ _REFUSED_KWARGS = {
 }
 _FORWARDING = "_gacc_forward_chunks"  # on the container while attached: its chunks run its forward hooks
 _GROUPS: weakref.WeakKeyDictionary[GradAccumulator, object] = weakref.WeakKeyDictionary()
+_CONTAINER_OF: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = weakref.WeakKeyDictionary()
 
 
 def attach(schedule, optimizer, outer: int = 1, **kwargs) -> GradAccumulator:
@@ -101,12 +103,16 @@ def attach(schedule, optimizer, outer: int = 1, **kwargs) -> GradAccumulator:
         if name not in _PASSED:
             raise TypeError(f"pipelining.attach() got an unexpected keyword argument {name!r}")
     stages = stages_of(schedule)
-    check_schedule(schedule, stages)
+    check_schedule(schedule)
     for stage in stages:
         check_stage(stage)
     n = int(schedule._n_microbatches)  # private: the schedule's micro-batch count
     scale = n if schedule.scale_grads else 1
     modules = [stage.submod for stage in stages]
+    for module in modules:
+        container = _CONTAINER_OF.get(module)
+        if module in ATTACHED or (container is not None and vars(container).get(_FORWARDING)):
+            raise RuntimeError("gacc is already attached to a stage of this schedule; call acc.remove() first")
     model = modules[0] if len(modules) == 1 else _Chunks(stages)
     acc = attach_core(model, optimizer, steps=n * len(stages) * outer, loss_scale=loss_scale * scale, **kwargs)
     try:
@@ -115,6 +121,7 @@ def attach(schedule, optimizer, outer: int = 1, **kwargs) -> GradAccumulator:
             acc.set_while_attached(model, _FORWARDING, True)
             for module in modules:
                 _forward_hooks_of(model, module)
+                _CONTAINER_OF[module] = model
     except BaseException:
         acc.remove()
         raise
@@ -156,7 +163,7 @@ def _split_backward(name: str) -> ValueError:
         "supported yet")
 
 
-def check_schedule(schedule, stages: list) -> None:
+def check_schedule(schedule) -> None:
     """A schedule whose every backward is one full torch.autograd.backward of a stage."""
     name = type(schedule).__name__
     if any(c.__name__ in _ZERO_BUBBLE for c in type(schedule).__mro__):

@@ -194,13 +194,19 @@ def chunks_forwarding(rank):
     after acc.remove(), whose hook then removes itself."""
     indices, parts, sched, opt = build(rank, "interleaved", True, torch.float32)
     acc = gacc_pp.attach(sched, opt)
+    try:
+        gacc_pp.attach(sched, opt)
+        again = None
+    except RuntimeError as e:
+        again = str(e)
     chunk = parts[indices[1]]
     x = torch.randn(2, next(m for m in chunk.modules() if isinstance(m, torch.nn.Linear)).in_features)
-    got = {"names": [n for n, _ in acc.model.named_parameters()],
+    got = {"names": [n for n, _ in acc.model.named_parameters()], "again": again,
            "hooked": bool(chunk(x)._backward_hooks), "copy_hooked": bool(copy.deepcopy(chunk)(x)._backward_hooks)}
     acc.remove()
     got["hooked_after_remove"] = bool(chunk(x)._backward_hooks)
     got["hooks_left"] = len(chunk._forward_hooks)
+    gacc_pp.attach(sched, opt).remove()  # attach works again after remove()
     return got
 
 
@@ -353,6 +359,7 @@ def test_several_stages_on_a_rank_run_the_accumulators_forward_hooks(results):
     for rank, r in enumerate(results):
         got = r["forwarding"]
         assert got["names"][0] == f"stage{rank}.0.0.weight"
+        assert "already attached" in got["again"]
         assert got["hooked"] and not got["copy_hooked"]
         assert not got["hooked_after_remove"] and got["hooks_left"] == 0
 
