@@ -23,6 +23,7 @@ from . import publish
 from .events import Events
 from .guards import Guards
 from .patch import plain_copies, set_attr
+from .window import State
 
 
 class Stepping:
@@ -112,9 +113,14 @@ def _zero_grad_owners(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 # -- the clip: one process-wide wrapper of torch's clip functions while any accumulator is attached ---
+# torch.nn.utils.clip_grad_norm_ / clip_grad_value_ (looked up by module path, as nanoGPT and timm call
+# them) finish a pending window first. A clip_grad_norm_ imported before attach() (`from torch.nn.utils
+# import clip_grad_norm_`) is still the original; it reaches clip_grad._clip_grads_with_norm_, which is
+# wrapped to refuse a clip of managed parameters whose window is still open (it saw p.grad = None).
 
 _WATCHING: list[Events] = []
 _CLIPS = ("clip_grad_norm_", "clip_grad_value_")
+_SCALE = "_clip_grads_with_norm_"  # private: what clip_grad_norm_ calls with the parameters and the norm
 _ORIGINAL: dict[str, object] = {}
 
 
@@ -126,6 +132,9 @@ def _clip_watch(events: Events, undo: contextlib.ExitStack) -> None:
             wrapped = _finishing(name)
             setattr(clip_grad, name, wrapped)
             setattr(torch.nn.utils, name, wrapped)
+        if hasattr(clip_grad, _SCALE):
+            _ORIGINAL[_SCALE] = getattr(clip_grad, _SCALE)
+            setattr(clip_grad, _SCALE, _refusing_open_windows(_ORIGINAL[_SCALE]))
     _WATCHING.append(events)
     undo.callback(_unwatch, events)
 
@@ -137,6 +146,13 @@ def _unwatch(events: Events) -> None:
         for name in _CLIPS:
             setattr(clip_grad, name, _ORIGINAL[name])
             setattr(torch.nn.utils, name, _ORIGINAL[name])
+        if _SCALE in _ORIGINAL:
+            setattr(clip_grad, _SCALE, _ORIGINAL.pop(_SCALE))
+
+
+def _watchers_of(params: list[torch.Tensor]) -> list[Events]:
+    ids = {id(p) for p in params}
+    return [events for events in list(_WATCHING) if any(id(s.param) in ids for s in events.slots)]
 
 
 def _finishing(name: str):
@@ -145,9 +161,23 @@ def _finishing(name: str):
     @functools.wraps(original)
     def clip(parameters, *args, **kwargs):
         params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
-        ids = {id(p) for p in params}
-        for events in list(_WATCHING):
-            if any(id(s.param) in ids for s in events.slots):
-                events.finish_pending()  # a clip prepares a step: the window ends here
+        for events in _watchers_of(params):
+            events.finish_pending()  # a clip prepares a step: the window ends here
         return original(params, *args, **kwargs)
     return clip
+
+
+def _refusing_open_windows(original):
+    @functools.wraps(original)
+    def scale(parameters, *args, **kwargs):
+        params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+        for events in _watchers_of(params):
+            w = events.window
+            if w.state is State.OPEN and w.done > 0:
+                raise RuntimeError(
+                    f"clip_grad_norm_ ran in the middle of gacc's window ({w.done} of {w.steps} "
+                    "micro-steps), so it saw p.grad = None and would clip nothing: this clip_grad_norm_ was "
+                    "imported before attach() (from torch.nn.utils import clip_grad_norm_). Call "
+                    "acc.finish_window() before it, or call it as torch.nn.utils.clip_grad_norm_.")
+        return original(params, *args, **kwargs)
+    return scale
