@@ -5,6 +5,7 @@ weighted mean over all ranks and micro-steps, as one large batch would give. Bot
 plain model with attach(process_group=, reduction="mean") are covered.
 """
 import copy
+import warnings
 
 import pytest
 import torch
@@ -261,3 +262,47 @@ def test_buckets_are_reduced_while_backward_runs(tmp_path):
         # backward reaches the input
         before = second[second.index("input") + 1: second.index("input", second.index("input") + 1)]
         assert before[0] == 1 and len(before) >= 1 + buckets - 6, f"only {len(before) - 1} buckets overlapped"
+
+
+class WithBuffers(torch.nn.Module):
+    """BatchNorm's running statistics and batch count, and a buffer of the model's own."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(6, 8)
+        self.norm = torch.nn.BatchNorm1d(8)
+        self.register_buffer("table", torch.zeros(3, 4))
+
+    def forward(self, x):
+        return self.norm(self.fc(x)) + self.table.sum()
+
+
+def _buffers(rank, world, results):
+    """Each rank's buffers differ before attach(process_group=)."""
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(rank)
+    model = WithBuffers()
+    with torch.no_grad():
+        for b in model.buffers():
+            b.copy_(torch.randn(b.shape) if b.is_floating_point() else torch.full_like(b, 10 + rank))
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "the model has BatchNorm layers")
+        acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2,
+                                  process_group=dist.group.WORLD)
+    torch.save({"before": before, "after": {n: b.clone() for n, b in model.named_buffers()}},
+               f"{results}.{rank}")
+    acc.remove()
+    dist.destroy_process_group()
+
+
+def test_attach_with_a_process_group_broadcasts_the_buffers_from_the_first_rank(tmp_path):
+    world, results = 2, str(tmp_path / "out")
+    spawn(_buffers, world, world, results)
+    ranks = [torch.load(f"{results}.{r}") for r in range(world)]
+    names = ["norm.running_mean", "norm.running_var", "norm.num_batches_tracked", "table"]
+    assert sorted(ranks[0]["after"]) == sorted(names)
+    for name in names:
+        assert not torch.equal(ranks[0]["before"][name], ranks[1]["before"][name]), name
+        for r, got in enumerate(ranks):
+            assert torch.equal(got["after"][name], ranks[0]["before"][name]), f"rank {r}: {name} is not rank 0's"

@@ -125,3 +125,46 @@ def test_fsdp2_against_one_large_batch(tmp_path):
         weights, no_sync = got["errors"]
         assert "same micro-steps with the same weights" in weights
         assert "set_requires_gradient_sync(False)" in no_sync
+
+
+def _buffer_sizes(rank, results):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from gacc_kernels.kernels.reference import CHUNK
+
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    torch.manual_seed(0)
+    model = net()
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=K)
+    (buffer,) = acc._parts.events.buffers  # private: the flat fp32 buffer and its slots
+    shard = {id(p): p.to_local().numel() for p in model.parameters()}
+    torch.save({"chunk": CHUNK, "numel": buffer.buf.numel(), "bytes": buffer.buf.nbytes,
+                "slots": [(s.numel, shard[id(s.param)], s.param.numel()) for s in buffer.slots]},
+               f"{results}.{rank}")
+    acc.remove()
+    dist.destroy_process_group()
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="the flat buffer is laid out by each parameter's global numel (layout.DeviceBuffer "
+                          "uses p.numel() of the DTensor), its slots by the shard's: 4 bytes per parameter")
+def test_the_buffer_holds_only_this_ranks_shard(tmp_path):
+    """4/N bytes per parameter: each rank's buffer is its shards, each slot CHUNK-aligned, and no more."""
+    pytest.importorskip("torch.distributed.fsdp", reason="needs FSDP2")
+    results = str(tmp_path / "out")
+    spawn(_buffer_sizes, WORLD, results)
+    for rank in range(WORLD):
+        got = torch.load(f"{results}.{rank}")
+        chunk, slots = got["chunk"], got["slots"]
+        assert all(numel == shard for numel, shard, _ in slots), "each slot is this rank's shard"
+        sharded = sum(-(-shard // chunk) * chunk for _, shard, _ in slots)
+        whole = sum(-(-full // chunk) * chunk for _, _, full in slots)
+        assert sharded < whole  # this net's shards take fewer CHUNKs than its parameters
+        assert got["numel"] == sharded and got["bytes"] == 4 * sharded, \
+            f"rank {rank}: a buffer of {got['numel']} floats for shards of {sharded} (whole parameters: {whole})"

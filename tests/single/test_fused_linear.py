@@ -433,6 +433,68 @@ def test_autocast(device, cast, fused):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_weight_with_a_tensor_hook_takes_stock_linear_and_its_hook_runs(device, when):
+    """A weight with a tensor hook (p.register_hook, before or after attach) takes stock F.linear, so that
+    autograd runs its hook (here: doubling the grad) and gacc sums what the hook returns; a layer without
+    one is fused."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(37, 53), torch.nn.GELU(), torch.nn.Linear(53, 11))
+    model = model.to(device, torch.bfloat16)
+    ref = copy.deepcopy(model)
+    ref[0].weight.register_hook(lambda g: g * 2)
+    seen = []
+
+    def double(g):  # a fused layer would give it None: its grad goes to the slot, not to autograd
+        seen.append(None if g is None else g.dtype)
+        return None if g is None else g * 2
+    if when == "before":
+        model[0].weight.register_hook(double)
+    acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2, fuse_linear=True,
+                              reduction="mean")
+    assert "forward" in vars(model[0]) and "forward" in vars(model[2])  # both fusable: the hook is seen per call
+    if when == "after":
+        model[0].weight.register_hook(double)
+
+    def loss_of(m, x, y):
+        h = m[0](x)
+        out = m[2](m[1](h))
+        return F.mse_loss(out.float(), y), h.grad_fn.name(), out.grad_fn.name()
+    g = torch.Generator().manual_seed(3)
+    data = [(torch.randn(5, 37, generator=g).to(device, torch.bfloat16), torch.randn(5, 11, generator=g).to(device))
+            for _ in range(2)]
+    stock = [None] * 4
+    for x, y in data:
+        loss, hooked, plain = loss_of(model, x, y)
+        assert "FusedLinear" not in hooked and "FusedLinear" in plain
+        loss.backward()
+        loss_of(ref, x, y)[0].backward()
+        for i, p in enumerate(ref.parameters()):
+            stock[i] = p.grad.double() / 2 + (0 if stock[i] is None else stock[i])
+            p.grad = None
+    assert seen == [torch.bfloat16] * 2, "the tensor hook runs once per micro-step, with the grad"
+    assert acc.window.state is State.FINISHED
+    assert_near_stock(model, stock)
+
+
+def test_fuse_linear_is_off_by_default():
+    """attach() without fuse_linear= fuses no nn.Linear, even where fusing is possible (forced here, as
+    attach(fuse_linear=True) then shows): no fused forward, no route, every weight grad through autograd."""
+    model = make_stack("cpu", torch.bfloat16)
+    x, y, use_b = stack_data(1, "cpu", torch.bfloat16, 1)[0]
+    obs = Observed(model, gemms=False)
+    acc = gacc_kernels.attach(model, torch.optim.SGD(trainable(model), lr=0.1), steps=1)
+    assert not any("forward" in vars(m) for m in model.modules())
+    assert not acc._parts.events.capture.routes
+    assert "FusedLinear" not in model.fc1(x).grad_fn.name()
+    stack_loss(model, x, y, use_b).backward()
+    assert all(obs.got_grad[obs.index[id(w)]] for w in fusable(model) if w is not model.never.weight)
+    acc.remove()
+    gacc_kernels.attach(model, torch.optim.SGD(trainable(model), lr=0.1), steps=1, fuse_linear=True)
+    assert "FusedLinear" in model.fc1(x).grad_fn.name()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_autograd_grad_of_a_fused_weight_and_a_gradient_penalty(device):
     """torch.autograd.grad gets the weight's grad itself and leaves the window alone; a penalty on the
     input grad (create_graph) differentiates through the fused backward's input grad."""

@@ -141,6 +141,43 @@ def test_a_backward_that_raises_before_any_grad_changes_nothing(device):
         torch.testing.assert_close(p.grad.double(), e, rtol=0, atol=2e-6 * e.abs().max().item())
 
 
+@pytest.mark.parametrize("first", ["unscale_", "state_dict"])
+def test_unscale_and_state_dict_refuse_a_broken_window_until_zero_grad(first):
+    """A backward that raises after the head's grads reached gacc breaks the window: scaler.unscale_()
+    (what scaler.step calls first) and acc.state_dict() refuse it, each also when it is the first call
+    after the raise, and leave the scaler as it was; zero_grad() discards it and the next window is
+    exact, with a state_dict mid-window and an unscale_ at its end."""
+    model = Faulty()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    acc = gacc_kernels.attach(model, opt, steps=3, scaler=scaler, reduction="mean")
+    data = batches("mlp", 3, "cpu")
+    scaler.scale(faulty_loss(model, *data[0])).backward()
+    model.fail_mid = True
+    with pytest.raises(torch.OutOfMemoryError):
+        scaler.scale(faulty_loss(model, *data[1])).backward()
+    model.fail_mid = False
+    calls = {"unscale_": lambda: scaler.unscale_(opt), "state_dict": acc.state_dict}
+    for name in (first, *(n for n in calls if n != first)):
+        for _ in range(2):  # a refusal does not mend the window
+            with pytest.raises(RuntimeError, match=r"during micro-step 2 of this window.*zero_grad\(\)"):
+                calls[name]()
+    assert scaler._per_optimizer_states[id(opt)]["stage"].name == "READY"
+    opt.zero_grad()
+    expected = weighted_mean(_grads(model, data))
+    scaler.scale(faulty_loss(model, *data[0])).backward()
+    assert acc.state_dict()["micro_steps"] == 1
+    for x, y in data[1:]:
+        scaler.scale(faulty_loss(model, x, y)).backward()
+    scaler.unscale_(opt)
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad.double(), e, rtol=0, atol=2e-6 * e.abs().max().item())
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 8.0  # no inf: the step was taken, the scale stays
+    assert acc.state_dict()["micro_steps"] == 0  # stepped: a fresh window
+
+
 def _grads(model, data):
     """Float64 per-micro-batch grads of Faulty, from stock autograd."""
     out = []
