@@ -222,7 +222,7 @@ class DeviceBuffer:
                 if p.dtype != dtype:
                     continue
                 self.slots.append(Slot(p, self, len(self.segments), end, order))
-                end += -(-p.numel() // CHUNK) * CHUNK
+                end += -(-local(p).numel() // CHUNK) * CHUNK  # an FSDP2 parameter: its shard
             self.segments.append((dtype, begin, end))
         self.buf = torch.zeros(end, dtype=torch.float32, device=device)  # padding stays 0 forever
         for slot in self.slots:

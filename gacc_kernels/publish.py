@@ -21,7 +21,9 @@ def publish(slots: list[Slot], written: list[bool], outs: dict[int, list[torch.T
             continue
         p, buffer = slot.param, slot.buffer
         dtype, begin, _ = buffer.segments[slot.segment]
-        p.main_grad = slot.for_param(slot.main)
+        # a new view of the slot each window, never the slot's own: whoever holds it may re-point it
+        # (Module._apply sets p.grad.data in model.to()), and the slot must stay on the buffer
+        p.main_grad = slot.for_param(slot.main.view_as(slot.main))
         if dtype == torch.float32:
             p.grad = p.main_grad
             continue
@@ -56,7 +58,7 @@ def open_main_grads(slots: list[Slot], window: int) -> None:
         if not slot.holds(window):
             slot.main.zero_()
             slot.take(window, slot.micro)
-        slot.param.main_grad = slot.main
+        slot.param.main_grad = slot.main.view_as(slot.main)
 
 
 def check_unpublished(slots: list[Slot], published: set[Slot], name) -> None:

@@ -151,9 +151,6 @@ def _buffer_sizes(rank, results):
     dist.destroy_process_group()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="the flat buffer is laid out by each parameter's global numel (layout.DeviceBuffer "
-                          "uses p.numel() of the DTensor), its slots by the shard's: 4 bytes per parameter")
 def test_the_buffer_holds_only_this_ranks_shard(tmp_path):
     """4/N bytes per parameter: each rank's buffer is its shards, each slot CHUNK-aligned, and no more."""
     pytest.importorskip("torch.distributed.fsdp", reason="needs FSDP2")

@@ -383,10 +383,6 @@ def test_parameters_moved_to_another_device_are_refused_at_the_next_backward():
         loss_fn("mlp", model, x.cuda(), y.cuda()).backward()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="Module._apply sets p.grad.data of the published fp32 p.grad, which is gacc's own view "
-                          "of the buffer (the slot's main): the view leaves the buffer, and later windows publish "
-                          "it stale")
 def test_a_dtype_round_trip_with_the_result_published_stays_exact_or_is_refused():
     """model.to(bf16).to(fp32) between the K-th backward and the step (as model.cpu() then model.cuda()
     would do across devices) keeps the Parameter objects and sets their .data and their p.grad.data. The
