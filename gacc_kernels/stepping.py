@@ -150,6 +150,11 @@ def _unwatch(events: Events) -> None:
             setattr(clip_grad, _SCALE, _ORIGINAL.pop(_SCALE))
 
 
+def _as_list(parameters) -> list[torch.Tensor]:
+    """torch's clips take a tensor or an iterable of them (a generator too: read it once)."""
+    return [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+
+
 def _watchers_of(params: list[torch.Tensor]) -> list[Events]:
     ids = {id(p) for p in params}
     return [events for events in list(_WATCHING) if any(id(s.param) in ids for s in events.slots)]
@@ -160,7 +165,7 @@ def _finishing(name: str):
 
     @functools.wraps(original)
     def clip(parameters, *args, **kwargs):
-        params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+        params = _as_list(parameters)
         for events in _watchers_of(params):
             events.finish_pending()  # a clip prepares a step: the window ends here
         return original(params, *args, **kwargs)
@@ -170,7 +175,7 @@ def _finishing(name: str):
 def _refusing_open_windows(original):
     @functools.wraps(original)
     def scale(parameters, *args, **kwargs):
-        params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+        params = _as_list(parameters)
         for events in _watchers_of(params):
             w = events.window
             if w.state is State.OPEN and w.done > 0:

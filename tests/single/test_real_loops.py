@@ -52,6 +52,17 @@ def recorder(opt: torch.optim.Optimizer) -> list[list[torch.Tensor | None]]:
     return seen
 
 
+def stock_and_gacc(steps: int, make_opt=lambda params: torch.optim.SGD(params, lr=0.1)):
+    """A stock model and an attached copy, each with its optimizer; `want` and `got` record what each
+    optimizer reads at its steps."""
+    stock = Net()
+    model = copy.deepcopy(stock)
+    opt_s, opt = make_opt(stock.parameters()), make_opt(model.parameters())
+    want = recorder(opt_s)
+    acc = gacc_kernels.attach(model, opt, steps=steps)
+    return (stock, opt_s), (model, opt), want, recorder(opt), acc
+
+
 def assert_same(got, want, rtol=1e-6, atol=1e-8):
     assert len(got) == len(want)
     for g, w in zip(got, want):
@@ -131,13 +142,9 @@ def test_timm_loop_is_the_float64_large_batch_step():
 
 def test_nanogpt_style_loss_over_k_with_the_default_is_stock():
     """The loop keeps `loss / K` (every tutorial does): the default reduction gives stock's sum, in fp32."""
-    stock, loader, k = Net(), data(8), 4
-    model = copy.deepcopy(stock)
-    want = recorder(opt_s := torch.optim.AdamW(stock.parameters(), lr=1e-2))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    acc = gacc_kernels.attach(model, opt, steps=k)
-    got = recorder(opt)
-    for m, o in ((stock, opt_s), (model, opt)):
+    loader, k = data(8), 4
+    *pairs, want, got, acc = stock_and_gacc(k, lambda params: torch.optim.AdamW(params, lr=1e-2))
+    for m, o in pairs:
         for step in range(2):
             for micro in range(k):
                 x, y = loader[step * k + micro]
@@ -273,13 +280,8 @@ def test_each_optimizers_zero_grad_discards_only_its_own_parameters():
 
 def test_freezing_a_managed_layer_between_windows_just_works():
     loader = data(4)
-    stock = Net()
-    model = copy.deepcopy(stock)
-    want = recorder(opt_s := torch.optim.SGD(stock.parameters(), lr=0.1))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    acc = gacc_kernels.attach(model, opt, steps=2)
-    got = recorder(opt)
-    for m, o in ((stock, opt_s), (model, opt)):
+    *pairs, want, got, acc = stock_and_gacc(2)
+    for m, o in pairs:
         for i, (x, y) in enumerate(loader):
             if i == 2:
                 m.a.requires_grad_(False)  # the second window trains b and the head only
@@ -346,13 +348,8 @@ def test_a_parameter_with_its_own_grad_dtype_is_refused_at_attach():
 def test_model_zero_grad_in_the_middle_of_a_window_discards_it(set_to_none):
     """Skipping a bad batch: stock PyTorch drops what was summed so far; so does gacc."""
     loader = data(4)
-    stock = Net()
-    model = copy.deepcopy(stock)
-    want = recorder(opt_s := torch.optim.SGD(stock.parameters(), lr=0.1))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    acc = gacc_kernels.attach(model, opt, steps=4)
-    got = recorder(opt)
-    for m, o in ((stock, opt_s), (model, opt)):
+    *pairs, want, got, acc = stock_and_gacc(4)
+    for m, o in pairs:
         for i, (x, y) in enumerate(loader):
             (F.cross_entropy(m(x), y) / 2).backward()
             if i == 1:
@@ -487,13 +484,9 @@ def test_float64_parameters_are_refused_at_attach():
 
 
 def test_clip_grad_value_before_an_early_step_sees_the_final_grads():
-    stock, loader = Net(), data(3)
-    model = copy.deepcopy(stock)
-    want = recorder(opt_s := torch.optim.SGD(stock.parameters(), lr=0.1))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    acc = gacc_kernels.attach(model, opt, steps=4)
-    got = recorder(opt)
-    for m, o in ((stock, opt_s), (model, opt)):
+    loader = data(3)
+    *pairs, want, got, acc = stock_and_gacc(4)
+    for m, o in pairs:
         for x, y in loader:  # 3 of K=4: the step comes early
             F.cross_entropy(m(x), y).backward()
         torch.nn.utils.clip_grad_value_(m.parameters(), 1e-3)
