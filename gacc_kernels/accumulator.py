@@ -202,7 +202,8 @@ class GradAccumulator:
         fresh = w.state is State.STEPPED
         return {**w.state_dict(), "layout": self._layout(),
                 "written": [not fresh and s.holds(w.id) for s in events.slots],
-                "buffers": [b.buf.clone() for b in events.buffers]}
+                "buffers": [b.buf.clone() for b in events.buffers],
+                "reducer": {} if fresh else events.reducer.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["layout"] != self._layout() or state["steps"] != self.steps:
@@ -211,6 +212,7 @@ class GradAccumulator:
         events.new_window()
         for buffer, buf in zip(events.buffers, state["buffers"]):
             buffer.buf.copy_(buf)
+        events.reducer.load_state_dict(state.get("reducer", {}))
         events.window.load_state_dict(state)
         for slot, wrote in zip(events.slots, state["written"]):
             slot.load(events.window.id if wrote else None)

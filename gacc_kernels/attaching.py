@@ -63,7 +63,7 @@ def attach(model: torch.nn.Module, optimizer, steps: int, scaler=None,
     with contextlib.ExitStack() as undo:
         # -- reduce: nothing, the ranks' all-reduce, or FSDP2's shards ------------------------------
         if sharded:
-            reducer = ShardedReducer(model, window, undo)
+            reducer = ShardedReducer(model, window, buffers[0], undo)
         elif group is None:
             reducer = LocalReducer()
         else:
@@ -77,11 +77,15 @@ def attach(model: torch.nn.Module, optimizer, steps: int, scaler=None,
         events = Events(window, buffers, reducer, finalizer, checks, window_end, main_grad_slots)
         if ddp is not None:
             events.add_window_signal(sync.ends_window)
+        if sharded:
+            events.add_window_signal(reducer.sync_ends_window)
 
         # -- hooks: autograd, the fused layers, the optimizer, the scaler ---------------------------
         capture = Capture(model, slots, events)
         events.listen(capture)
         capture.install(undo)
+        if sharded:
+            capture.watch_unsharded(reducer.unsharded_params, undo)
         if fuse_linear and fused_linear.install(model, slots, capture, undo) == 0:
             warnings.warn(f"attach(fuse_linear=True) fused no layer: {fused_linear.why_none_fused()}. "
                           "The weight grads take the hook path, with the same results.", stacklevel=2)

@@ -6,6 +6,8 @@ It hands the accumulator three events of each backward (graph task) through the 
     grad   each parameter's post-accumulate-grad hook; the grad is taken out of p.grad (or, for a
            weight that fused_linear or its own layer writes into the buffer, `fused_grad`)
     end    a callback queued on the engine, after every grad of the backward
+Under FSDP2, the hooks of FSDP's unsharded parameters also offer each whole grad before FSDP reduces it
+(`unsharded_grad`: taken with gradient sync off).
 At the start, the fused_linear layers are armed where the accumulator can say in advance where their
 grads go; their grads then reach the buffer with no call back, and are counted at the end.
 A backward that raised never reaches its end: the next forward, step or zero_grad sees that and
@@ -14,6 +16,7 @@ reports it as aborted, so the state is reset cleanly.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import threading
 from typing import Protocol
@@ -30,6 +33,7 @@ class Sink(Protocol):
     def backward_starting(self, will_accumulate, accumulated: bool) -> None: ...
     def armed_writes(self, slots: list[Slot]) -> tuple[float, list[float]] | None: ...
     def grad_ready(self, slot: Slot, grad: torch.Tensor, stream) -> None: ...
+    def unsharded_grad(self, slot: Slot, grad: torch.Tensor) -> bool: ...
     def write_fused(self, slot: Slot, write) -> None: ...
     def armed_written(self, slots: list[Slot]) -> None: ...
     def backward_done(self, delivered: bool) -> None: ...
@@ -57,6 +61,8 @@ class Capture:
         self._nodes: list | None = None
         self.routes: dict[Slot, int] = {}  # fused_linear's layers that can be armed: slot -> route
         self._armed: dict[int, Slot] | None = None  # those armed for the backward in progress
+        self._find_unsharded = None  # FSDP2: reports its unsharded parameters not hooked yet
+        self._unsharded_hooks: list = []
 
     def install(self, undo: contextlib.ExitStack) -> None:
         for slot in self.slots:
@@ -64,6 +70,18 @@ class Capture:
         handle = self.model.register_forward_hook(self._on_forward)
         undo.callback(handle.remove)
         plain_copies(self.model, undo, forward_hook=handle.id)
+
+    def watch_unsharded(self, find, undo: contextlib.ExitStack) -> None:
+        """FSDP2: hook the unsharded parameters that `find()` reports as (id of the sharded parameter,
+        unsharded parameter), at each forward (FSDP makes them at its first all-gather)."""
+        self._find_unsharded = find
+        undo.callback(lambda: [h.remove() for h in self._unsharded_hooks])
+
+    def _hook_unsharded(self) -> None:
+        slots = {id(s.param): s for s in self.slots}
+        for key, param in self._find_unsharded():
+            hook = functools.partial(self._on_unsharded_grad, slots[key])
+            self._unsharded_hooks.append(param.register_post_accumulate_grad_hook(hook))
 
     def add_route(self, slot: Slot, route: int, undo: contextlib.ExitStack) -> None:
         """A fused_linear layer that can be armed, until remove()."""
@@ -86,6 +104,8 @@ class Capture:
 
     def _on_forward(self, module, args, output) -> None:
         self.check_idle()
+        if self._find_unsharded is not None:
+            self._hook_unsharded()
         if torch.is_grad_enabled():
             for t in tree_leaves(output):
                 if isinstance(t, torch.Tensor) and t.grad_fn is not None:  # a leaf would keep the hook
@@ -163,6 +183,17 @@ class Capture:
         self.sink.grad_ready(slot, g, stream)
         self.delivered = True
         p.grad = None
+
+    def _on_unsharded_grad(self, slot: Slot, p: torch.Tensor) -> None:
+        """FSDP2's unsharded parameter got its grad, before FSDP reduces it: gacc's where it takes it."""
+        g = p.grad
+        if g is None:
+            return
+        if self.task is None:
+            self._begin(accumulated=True)
+        if self.sink.unsharded_grad(slot, g):
+            self.delivered = True
+            p.grad = None  # FSDP finds no grad: it reduces nothing
 
     def fused_grad(self, slot: Slot, write) -> None:
         """A grad that goes straight into the slot, not through p.grad: Events.write_fused."""

@@ -51,8 +51,8 @@ class Events:
 
     def backward_starting(self, will_accumulate, accumulated: bool) -> None:
         self.guards.check_before_backward(self.sharded)
-        self.reducer.before_backward()
         w = self.window
+        self.reducer.before_backward(first=w.state is not State.OPEN or w.done == 0)
         if w.state is State.BROKEN:
             raise RuntimeError(w.broken_message())
         if w.state is State.FINISHED:
@@ -105,6 +105,18 @@ class Events:
         store = slot.take(w.id, w.micro)
         if slot.bucket.add(slot, g, store, w.weight, stream, self.finalizer.armed(slot.buffer)):
             self._launched(slot.bucket)
+
+    def unsharded_grad(self, slot: Slot, g: torch.Tensor) -> bool:
+        """An FSDP2 parameter's whole grad, before FSDP reduces it: True if the reducer takes it (gradient
+        sync off: gacc sums the window and reduce-scatters it once), False if FSDP goes on (sync on: it
+        hands over this rank's shard after its reduce-scatter, through grad_ready)."""
+        if not self.reducer.takes_unsharded():
+            return False
+        if g.layout != torch.strided or g.shape != slot.param.shape:
+            refuse_grad(slot, g)
+        w = self.window
+        self.reducer.accumulate_unsharded(slot, g, slot.take(w.id, w.micro), w.weight)
+        return True
 
     def write_fused(self, slot: Slot, write) -> None:
         """A grad that goes straight into the slot, not through p.grad, with grad_ready's bookkeeping.

@@ -12,6 +12,8 @@ Only this module assigns the fields of Slot, Bucket and DeviceBuffer; the other 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .kernels import ops
@@ -21,6 +23,19 @@ from .kernels.reference import CHUNK
 def local(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's shard on this rank (FSDP2's parameters and grads), else the tensor itself."""
     return getattr(t, "_local_tensor", t)
+
+
+def padded_numel(param: torch.Tensor) -> int:
+    """The elements of a parameter's slot range: the parameter, or this rank's shard of a DTensor
+    parameter, counted at the largest shard's size (ceil(n / ranks) along each sharded dimension). So every
+    rank lays its buffer out alike, and a reduce-scatter of N such layouts lands each shard in its slot."""
+    if local(param) is param:
+        return param.numel()
+    shape = list(param.shape)
+    for mesh_dim, placement in enumerate(param.placements):
+        if placement.is_shard():
+            shape[placement.dim] = -(-shape[placement.dim] // param.device_mesh.size(mesh_dim))
+    return math.prod(shape)
 
 
 def dense_strides(param: torch.Tensor) -> tuple[int, ...]:
@@ -44,7 +59,7 @@ def contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
 
 class Slot:
     """One parameter's place in its device's flat buffer, and where it stands in the window."""
-    __slots__ = ("param", "buffer", "segment", "bucket", "start", "order", "sharded", "shape", "numel",
+    __slots__ = ("param", "buffer", "segment", "bucket", "start", "order", "sharded", "shape", "numel", "span",
                  "strides", "contiguous", "main", "out", "window", "micro", "finalized_in", "version")
 
     def __init__(self, param: torch.nn.Parameter, buffer: DeviceBuffer, segment: int, start: int, order: int):
@@ -53,6 +68,7 @@ class Slot:
         shard = local(param)  # a slot holds this rank's shard of an FSDP2 parameter
         self.sharded = shard is not param  # then its grads come, and go out, as DTensors
         self.shape, self.numel = shard.shape, shard.numel()
+        self.span = -(-padded_numel(param) // CHUNK) * CHUNK  # its range of the buffer, padding included
         self.strides = dense_strides(shard)
         self.contiguous = shard.is_contiguous()  # then its memory order is the logical order
         self.bucket: Bucket
@@ -123,7 +139,7 @@ class Bucket:
     def __init__(self, buffer: DeviceBuffer, segment: int, slots: list[Slot]):
         self.buffer, self.segment, self.slots = buffer, segment, slots
         self.begin = slots[0].start
-        self.end = slots[-1].start + -(-slots[-1].numel // CHUNK) * CHUNK
+        self.end = slots[-1].start + slots[-1].span
         self.dtype = buffer.segments[segment][0]
         self.launch = ops.choose("accumulate_many_", buffer.device.type).impl
         self.launch_last = ops.choose("accumulate_finalize_", buffer.device.type).impl
@@ -222,7 +238,7 @@ class DeviceBuffer:
                 if p.dtype != dtype:
                     continue
                 self.slots.append(Slot(p, self, len(self.segments), end, order))
-                end += -(-local(p).numel() // CHUNK) * CHUNK  # an FSDP2 parameter: its shard
+                end += self.slots[-1].span
             self.segments.append((dtype, begin, end))
         self.buf = torch.zeros(end, dtype=torch.float32, device=device)  # padding stays 0 forever
         for slot in self.slots:

@@ -1,9 +1,12 @@
-"""FSDP2 (fully_shard): gacc accumulates the shards that FSDP hands its hooks after each reduce-scatter.
+"""FSDP2 (fully_shard): gacc accumulates the shards that FSDP hands its hooks after each reduce-scatter
+(gradient sync on), or FSDP's unsharded grads, reduce-scattered once per window (sync off).
 
 FSDP's own settings go through its public setters (FSDPModule.set_gradient_divide_factor,
 set_force_sum_reduction_for_comms); a torch without them is refused, since FSDP would then average
-the ranks and gacc would divide again. The one private read, each group's current values (to restore
-them at remove), is in `_current_settings`.
+the ranks and gacc would divide again. FSDP has no public way to hand over its unsharded grads, so the
+no-sync mode reads private state, all of it in this module: each module's parameter groups
+(`_param_groups`), their sync flag (`reduce_grads`) and FSDPParams (`_fsdp_params`), and each
+FSDPParam's unsharded parameter (`_unsharded_param`), checked at attach (`check_private_state`).
 """
 from __future__ import annotations
 
@@ -12,8 +15,12 @@ import contextlib
 import torch
 import torch.distributed as dist
 
+from ..kernels import ops
+from ..layout import DeviceBuffer, Slot
 from .reducer import LocalReducer, RanksDisagree
 
+# torch 2.14 renamed reduce_scatter_tensor (deprecated there); 2.11 has only the old name
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _SETTERS = ("set_gradient_divide_factor", "set_force_sum_reduction_for_comms")
 
 
@@ -45,16 +52,25 @@ def _current_settings(module) -> tuple:
 
 
 class ShardedReducer(LocalReducer):
-    """FSDP reduce-scatters each micro-step's grads and hands gacc this rank's shard, through the
+    """FSDP2, in one of two modes, chosen by each window's first micro-step (FSDP's gradient sync flag).
+
+    Sync on (FSDP reduce-scatters every micro-step): FSDP hands gacc this rank's shard through the
     post-accumulate-grad hooks it calls after the reduce-scatter. gacc has FSDP sum instead of average
-    (gradient divide factor 1, plain SUM), accumulates the shards in fp32 (4/N bytes per parameter),
-    and finalizes with the weights, the flags, found_inf and the norm agreed by all ranks. A
-    micro-step's weight multiplies the ranks' sum, so it must be the same on every rank: checked at the
-    end of each window."""
+    (gradient divide factor 1, plain SUM) and accumulates the shards in fp32. A micro-step's weight then
+    multiplies the ranks' sum, so it must be the same on every rank: checked at the end of each window.
+
+    Sync off (`set_requires_gradient_sync(False)`, the no-sync mode of Accelerate, the HF Trainer and
+    Fabric): gacc takes each micro-step's unsharded grad from FSDP's unsharded parameter before FSDP sees
+    it, and adds it, weighted, into an fp32 buffer of `shards` copies of the sharded layout (copy r holds
+    rank r's rows of every parameter: 4 bytes per parameter, allocated at the window's first grad and
+    freed at its end). FSDP finds no grad and reduces nothing. At the window's end (its K-th micro-step,
+    or the loop turning sync back on) one fp32 reduce-scatter lands the ranks' sums in the sharded
+    buffer. Each rank's micro-steps may carry their own weights here: they are applied before the sum.
+    """
     fuses_last_pass = False
 
-    def __init__(self, model: torch.nn.Module, window, undo: contextlib.ExitStack):
-        self.window = window
+    def __init__(self, model: torch.nn.Module, window, buffer: DeviceBuffer, undo: contextlib.ExitStack):
+        self.window, self.buffer = window, buffer
         modules = fsdp2_modules(model)
         missing = [name for name in _SETTERS if not hasattr(modules[0], name)]
         if missing:
@@ -62,6 +78,7 @@ class ShardedReducer(LocalReducer):
                                "cannot make FSDP2 sum the ranks' grads, and would divide them twice. Use "
                                "torch >= 2.9")
         self.groups = [g for m in modules for g in _param_groups(m)]
+        check_private_state(self.groups)
         mesh = next(p for p in model.parameters() if hasattr(p, "device_mesh")).device_mesh
         self.group = mesh.get_group()
         self.world = self.ranks = dist.get_world_size(self.group)
@@ -71,17 +88,69 @@ class ShardedReducer(LocalReducer):
             undo.callback(m.set_force_sum_reduction_for_comms, sum_only)
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)
+        self.no_sync = False  # this window's grads come unsharded, to gacc
+        self.unsharded: torch.Tensor | None = None  # (world, buffer length) fp32, in a no-sync window
+        self.cuts = {id(s): _cut(s.param) for s in buffer.slots}  # how each whole grad splits into shards
+        self.hooked: set[int] = set()  # FSDP parameters whose unsharded parameter gacc has hooked
 
-    def before_backward(self):
-        if not all(g.reduce_grads for g in self.groups):
+    # -- the mode, from FSDP's gradient sync flag ----------------------------------------------------
+
+    def _sync(self) -> bool:
+        flags = {g.reduce_grads for g in self.groups}
+        if len(flags) > 1:
+            raise RuntimeError("FSDP2 gradient sync is on for some modules and off for others: gacc needs "
+                               "one setting for the whole model. Call set_requires_gradient_sync on the "
+                               "root module (it sets every submodule)")
+        return flags.pop()
+
+    def before_backward(self, first: bool) -> None:
+        sync = self._sync()
+        if first:
+            self.no_sync = not sync
+        elif not sync and not self.no_sync:
             raise RuntimeError(
-                "FSDP2 with set_requires_gradient_sync(False) (no_sync): FSDP then accumulates the grads "
-                "itself, at its own precision, and gacc would count one micro-step for several. gacc "
-                "accumulates in fp32 already: leave gradient sync on for every micro-step")
+                "FSDP2 gradient sync was turned off (set_requires_gradient_sync(False)) after this window's "
+                "first micro-step had run with it on: gacc cannot add FSDP's reduced shards and its own "
+                "unsharded sums into one window. Turn sync off from the window's first micro-step to its "
+                "last but one (as Accelerate, the HF Trainer and Fabric do), or leave it on throughout")
+
+    def sync_ends_window(self) -> bool:
+        """A window signal: in a no-sync window, the loop turning sync back on marks its last micro-step."""
+        return self.no_sync and self._sync()
+
+    def unsharded_params(self) -> list[tuple[int, torch.nn.Parameter]]:
+        """FSDP's unsharded parameters not hooked yet, by the id of their sharded parameter (slot.param).
+        FSDP makes them at its first all-gather and keeps them."""
+        found = []
+        for fsdp_param in _fsdp_params(self.groups):
+            param = getattr(fsdp_param, "_unsharded_param", None)  # private: made at the first all-gather
+            if param is not None and id(param) not in self.hooked and param.requires_grad:
+                self.hooked.add(id(param))
+                found.append((id(fsdp_param.sharded_param), param))
+        return found
+
+    def takes_unsharded(self) -> bool:
+        return self.no_sync
+
+    def accumulate_unsharded(self, slot: Slot, grad: torch.Tensor, store: bool, weight: float) -> None:
+        """Add a micro-step's whole grad, weighted, into every rank's copy of the slot (store: the window's
+        first grad of it)."""
+        if self.unsharded is None:
+            self.unsharded = torch.zeros(self.world, self.buffer.buf.numel(), device=self.buffer.device)
+        dim, rows = self.cuts[id(slot)]
+        size = grad.shape[dim]
+        pieces = [grad.narrow(dim, r * rows, min(rows, size - r * rows)).contiguous().view(-1)
+                  for r in range(self.world) if r * rows < size]
+        offsets = [r * self.unsharded.shape[1] + slot.start for r in range(len(pieces))]
+        ops.accumulate_many_(self.unsharded.view(-1), pieces, offsets, [store] * len(pieces), weight)
+
+    # -- the window's end ----------------------------------------------------------------------------
 
     def finish(self, buffers, written, weight_sum):
         (buffer,) = buffers
         steps, weights = self.window.steps, self.window.weights
+        if self.no_sync:
+            return self._finish_unsharded(buffer, written, weight_sum)
         padded = weights + [0.0] * (steps - len(weights))
         t = torch.tensor([len(weights), *padded, *(-w for w in padded), *written], dtype=torch.float64,
                          device=buffer.device)
@@ -91,8 +160,29 @@ class ShardedReducer(LocalReducer):
             raise RanksDisagree(
                 f"under FSDP2 every rank must run the same micro-steps with the same weights (this rank: "
                 f"{weights}); FSDP sums the ranks' grads before gacc sees them, so a per-rank weight "
-                "cannot be applied. Weigh each rank's loss yourself and attach with reduction='sum'.")
+                "cannot be applied. Weigh each rank's loss yourself and attach with reduction='sum', or "
+                "accumulate with gradient sync off (set_requires_gradient_sync(False)), where each rank's "
+                "weights are applied before the sum.")
         return [bool(f) for f in got[2 * steps + 1:]], weight_sum * self.world
+
+    def _finish_unsharded(self, buffer: DeviceBuffer, written: list[bool], weight_sum: float):
+        """One fp32 reduce-scatter of the window's sums into the sharded buffer; the total weight and which
+        slots any rank wrote, summed over the ranks."""
+        unsharded, self.unsharded = self.unsharded, None
+        if unsharded is None:
+            unsharded = torch.zeros(self.world, buffer.buf.numel(), device=buffer.device)
+        for slot, wrote in zip(buffer.slots, written):
+            if not wrote:  # values of an earlier window (or discarded by zero_grad)
+                unsharded[:, slot.start: slot.start + slot.span].zero_()
+        count = len(self.window.weights)
+        t = torch.tensor([count, weight_sum, *written], dtype=torch.float64, device=buffer.device)
+        dist.all_reduce(t, group=self.group)
+        _REDUCE_SCATTER(buffer.buf, unsharded.view(-1), group=self.group)
+        got = t.tolist()
+        if got[0] != count * self.world:
+            raise RanksDisagree(f"the ranks ended a no-sync window after different numbers of micro-steps "
+                                f"(this rank: {count}); every rank must run the same micro-steps")
+        return [f > 0 for f in got[2:]], got[1]
 
     def after_finalize(self, buffers):
         for buffer in buffers:
@@ -101,3 +191,41 @@ class ShardedReducer(LocalReducer):
     def global_sq_norm(self, local):
         dist.all_reduce(local, group=self.group)
         return local
+
+    def abort(self):
+        self.unsharded = None
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"no_sync": self.no_sync,
+                "unsharded": None if self.unsharded is None else self.unsharded.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.no_sync = state.get("no_sync", False)
+        saved = state.get("unsharded")
+        self.unsharded = None if saved is None else saved.to(self.buffer.device, copy=True)
+
+
+def check_private_state(groups) -> None:
+    """The private FSDP state this module reads is there, or attach fails naming the torch version."""
+    missing = [f"FSDPParamGroup.{name}" for name in ("reduce_grads", "fsdp_params")
+               if any(not hasattr(g, name) for g in groups)]
+    missing += [f"FSDPParam.{name}" for name in ("sharded_param", "init_unsharded_param")
+                if any(not hasattr(p, name) for g in groups for p in getattr(g, "fsdp_params", ()))]
+    if missing:
+        raise RuntimeError(f"gacc reads FSDP2's private {missing[0]}, which this torch ({torch.__version__}) "
+                           "does not have: gacc_kernels supports FSDP2 as in torch 2.11 to 2.14; report it")
+
+
+def _fsdp_params(groups) -> list:
+    # private: each parameter group's FSDPParam objects
+    return [fsdp_param for g in groups for fsdp_param in g.fsdp_params]
+
+
+def _cut(param) -> tuple[int, int]:
+    """The dimension FSDP shards a parameter on, and the rows of each shard (the last ones may have fewer,
+    or none): torch.chunk's split."""
+    (placement,) = param.placements
+    ranks = param.device_mesh.size()
+    return placement.dim, -(-param.shape[placement.dim] // ranks)

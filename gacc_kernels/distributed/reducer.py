@@ -25,8 +25,12 @@ class Reducer(Protocol):
     #: How many ranks' grads are summed: reduction="sum" divides by it, as DDP and FSDP average.
     ranks: int
 
-    def before_backward(self) -> None:
-        """A micro-step's backward starts: refuse a setting the reducer cannot be exact under."""
+    def before_backward(self, first: bool) -> None:
+        """A micro-step's backward starts (`first`: the window's first): refuse a setting the reducer
+        cannot be exact under."""
+
+    def takes_unsharded(self) -> bool:
+        """Whole grads of sharded parameters go to the reducer (FSDP2 with gradient sync off)."""
 
     def on_bucket_ready(self, bucket: Bucket, weight_sum: float) -> None:
         """The last micro-step has written this bucket; weight_sum is the window's total weight."""
@@ -51,14 +55,22 @@ class Reducer(Protocol):
     def abort(self) -> None:
         """A backward raised: wait for what is in flight; the window is dropped."""
 
+    def state_dict(self) -> dict:
+        """What the reducer holds of a window in progress, for a checkpoint."""
+
+    def load_state_dict(self, state: dict) -> None: ...
+
 
 class LocalReducer:
     """One process: nothing to reduce. The base of the others: a stage they don't need does nothing."""
     fuses_last_pass = True
     ranks = 1
 
-    def before_backward(self):
+    def before_backward(self, first):
         pass
+
+    def takes_unsharded(self):
+        return False
 
     def on_bucket_ready(self, bucket, weight_sum):
         pass
@@ -79,4 +91,10 @@ class LocalReducer:
         return local
 
     def abort(self):
+        pass
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
         pass

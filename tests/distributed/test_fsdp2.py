@@ -71,9 +71,11 @@ def _train(rank, results):
     except RuntimeError as e:
         out["errors"].append(str(e))
     opt.zero_grad()
+    (x, y), (x2, y2) = data_of(rank, 4)[:2]
+    scaler.scale(F.mse_loss(model(x), y)).backward()  # sync on for the window's first micro-step ...
     model.set_requires_gradient_sync(False)
     try:
-        scaler.scale(F.mse_loss(model(data_of(rank, 4)[0][0]), data_of(rank, 4)[0][1])).backward()
+        scaler.scale(F.mse_loss(model(x2), y2)).backward()  # ... then off
     except RuntimeError as e:
         out["errors"].append(str(e))
     torch.save(out, f"{results}.{rank}")
@@ -124,7 +126,7 @@ def test_fsdp2_against_one_large_batch(tmp_path):
         assert got["scale"] == 0.5
         weights, no_sync = got["errors"]
         assert "same micro-steps with the same weights" in weights
-        assert "set_requires_gradient_sync(False)" in no_sync
+        assert "after this window's first micro-step had run with it on" in no_sync
 
 
 def _buffer_sizes(rank, results):
@@ -143,25 +145,31 @@ def _buffer_sizes(rank, results):
     fully_shard(model, mesh=mesh)
     acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=K)
     (buffer,) = acc._parts.events.buffers  # private: the flat fp32 buffer and its slots
-    shard = {id(p): p.to_local().numel() for p in model.parameters()}
+    # the largest shard: ceil(rows / N) rows, so every rank lays its buffer out alike
+    shard = {id(p): (p.to_local().numel(), -(-p.shape[0] // WORLD) * (p.numel() // p.shape[0]))
+             for p in model.parameters()}
     torch.save({"chunk": CHUNK, "numel": buffer.buf.numel(), "bytes": buffer.buf.nbytes,
-                "slots": [(s.numel, shard[id(s.param)], s.param.numel()) for s in buffer.slots]},
+                "slots": [(s.numel, *shard[id(s.param)], s.param.numel()) for s in buffer.slots]},
                f"{results}.{rank}")
     acc.remove()
     dist.destroy_process_group()
 
 
 def test_the_buffer_holds_only_this_ranks_shard(tmp_path):
-    """4/N bytes per parameter: each rank's buffer is its shards, each slot CHUNK-aligned, and no more."""
+    """4/N bytes per parameter: each rank's buffer is its shards, each slot CHUNK-aligned and as long as the
+    largest shard, the same layout on every rank, and no more."""
     pytest.importorskip("torch.distributed.fsdp", reason="needs FSDP2")
     results = str(tmp_path / "out")
     spawn(_buffer_sizes, WORLD, results)
+    sizes = []
     for rank in range(WORLD):
         got = torch.load(f"{results}.{rank}")
         chunk, slots = got["chunk"], got["slots"]
-        assert all(numel == shard for numel, shard, _ in slots), "each slot is this rank's shard"
-        sharded = sum(-(-shard // chunk) * chunk for _, shard, _ in slots)
-        whole = sum(-(-full // chunk) * chunk for _, _, full in slots)
+        assert all(numel == shard for numel, shard, _, _ in slots), "each slot is this rank's shard"
+        sharded = sum(-(-largest // chunk) * chunk for _, _, largest, _ in slots)
+        whole = sum(-(-full // chunk) * chunk for _, _, _, full in slots)
+        sizes.append(got["numel"])
         assert sharded < whole  # this net's shards take fewer CHUNKs than its parameters
         assert got["numel"] == sharded and got["bytes"] == 4 * sharded, \
             f"rank {rank}: a buffer of {got['numel']} floats for shards of {sharded} (whole parameters: {whole})"
+    assert len(set(sizes)) == 1, f"the ranks' buffers differ: {sizes}"
