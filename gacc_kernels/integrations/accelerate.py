@@ -18,7 +18,12 @@ What it translates (Accelerate 1.x):
 - `accelerator.clip_grad_norm_` over the model's parameters becomes gacc's fp32 clip of p.grad and
   p.main_grad together, with the norm from the fused pass (else a bf16 p.grad clipped in place would
   have to be copied back into p.main_grad).
-Refused: DeepSpeed, FSDP, Megatron-LM and XLA (they accumulate or reduce gradients themselves).
+- FSDP2 (an FSDP plugin with `fsdp_version=2`): `accumulate()` turns FSDP's gradient sync off for the
+  non-final micro-steps (the default `sync_each_batch=False`), and gacc then sums the window's unsharded
+  grads in fp32 and reduce-scatters them once, whatever the mixed-precision policy (Accelerate's bf16
+  default reduces in bf16). With `sync_each_batch=True` FSDP reduce-scatters each micro-step and gacc
+  sums the shards in fp32.
+Refused: DeepSpeed, FSDP1, Megatron-LM and XLA (they accumulate or reduce gradients themselves).
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ from accelerate.utils import DistributedType
 from ..accumulator import GradAccumulator
 from ..attaching import attach as attach_core
 
-_OWN_ACCUMULATION = ("DEEPSPEED", "FSDP", "MEGATRON_LM", "XLA")
+_OWN_ACCUMULATION = ("DEEPSPEED", "MEGATRON_LM", "XLA")
 
 
 def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
@@ -44,6 +49,10 @@ def attach(accelerator, model: torch.nn.Module, optimizer, reduction: str = "mea
            for name in _OWN_ACCUMULATION):
         raise RuntimeError(f"gacc does not run under Accelerate's {accelerator.distributed_type}: it "
                            "accumulates or reduces gradients itself")
+    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
+        raise RuntimeError("gacc does not run under FSDP1, which shards the grads before any hook of gacc's "
+                           "sees them: use FSDP2 (FullyShardedDataParallelPlugin(fsdp_version=2), or "
+                           "fsdp_version: 2 in the Accelerate config)")
     k = accelerator.gradient_accumulation_steps
     kwargs.setdefault("loss_scale", 1.0 / k if reduction == "mean" else 1.0)  # "sum": the loop's K/K cancels
     acc = attach_core(model, unwrap_optimizer(optimizer), steps=k, scaler=accelerator.scaler,
