@@ -75,9 +75,11 @@ def check_model(model: torch.nn.Module) -> None:
         raise ValueError(f"under FSDP2 every trainable parameter must be sharded, but {plain[0]} is not "
                          "(its grads would not be reduced over the ranks): call fully_shard on the root "
                          "module too")
-    if {p.device_mesh.ndim for _, p in trainable} != {1}:
-        raise ValueError("gacc supports FSDP2 on a 1-D device mesh only (not HSDP, nor FSDP with tensor "
-                         "parallelism)")
+    meshes = {(p.device_mesh.ndim, tuple(type(pl).__name__ for pl in p.placements)) for _, p in trainable}
+    if not meshes <= {(1, ("Shard",)), (2, ("Replicate", "Shard"))}:
+        raise ValueError(f"gacc supports FSDP2 on a 1-D mesh and HSDP on a (replicate, shard) mesh; found "
+                         f"DTensor parameters placed as {sorted(meshes)[0][1]} (tensor parallelism is not "
+                         "supported yet: use FSDP2 or HSDP without it)")
 
 
 def managed_parameters(model: torch.nn.Module,

@@ -80,8 +80,17 @@ class ShardedReducer(LocalReducer):
         self.groups = [g for m in modules for g in _param_groups(m)]
         check_private_state(self.groups)
         mesh = next(p for p in model.parameters() if hasattr(p, "device_mesh")).device_mesh
-        self.group = mesh.get_group()
-        self.world = self.ranks = dist.get_world_size(self.group)
+        # 1-D: one group. HSDP, a (replicate, shard) mesh: reduce-scatter within the shard group, all-reduce
+        # over the replicas; the window's flags and weights go over every rank (the default group)
+        self.hsdp = mesh.ndim == 2
+        self.shard_group = mesh.get_group(mesh.ndim - 1)
+        self.replicas = mesh.get_group(0) if self.hsdp else None
+        self.group = None if self.hsdp else self.shard_group
+        if self.hsdp and mesh.size() != dist.get_world_size():
+            raise ValueError(f"gacc supports HSDP on a mesh of every rank ({dist.get_world_size()}), not of "
+                             f"{mesh.size()}")
+        self.world = self.ranks = mesh.size()
+        self.shards = mesh.size(mesh.ndim - 1)
         for m in modules:  # a plain SUM (gloo has no PREMUL_SUM), then a division by 1
             factor, sum_only = _current_settings(m)
             undo.callback(m.set_gradient_divide_factor, factor)
@@ -89,18 +98,21 @@ class ShardedReducer(LocalReducer):
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)
         self.no_sync = False  # this window's grads come unsharded, to gacc
-        self.unsharded: torch.Tensor | None = None  # (world, buffer length) fp32, in a no-sync window
+        self.unsharded: torch.Tensor | None = None  # (shards, buffer length) fp32, in a no-sync window
         self.cuts = {id(s): _cut(s.param) for s in buffer.slots}  # how each whole grad splits into shards
         self.hooked: set[int] = set()  # FSDP parameters whose unsharded parameter gacc has hooked
 
     # -- the mode, from FSDP's gradient sync flag ----------------------------------------------------
 
     def _sync(self) -> bool:
-        flags = {g.reduce_grads for g in self.groups}
+        """FSDP reduces this micro-step's grads over every rank. Under HSDP, set_requires_all_reduce(False)
+        counts as sync off: gacc takes the grads then too, and all-reduces the replicas once per window."""
+        flags = {g.reduce_grads and (g.all_reduce_grads or not self.hsdp) for g in self.groups}
         if len(flags) > 1:
-            raise RuntimeError("FSDP2 gradient sync is on for some modules and off for others: gacc needs "
-                               "one setting for the whole model. Call set_requires_gradient_sync on the "
-                               "root module (it sets every submodule)")
+            raise RuntimeError("FSDP2 gradient sync (or HSDP's all-reduce) is on for some modules and off "
+                               "for others: gacc needs one setting for the whole model. Call "
+                               "set_requires_gradient_sync / set_requires_all_reduce on the root module "
+                               "(it sets every submodule)")
         return flags.pop()
 
     def before_backward(self, first: bool) -> None:
@@ -136,11 +148,11 @@ class ShardedReducer(LocalReducer):
         """Add a micro-step's whole grad, weighted, into every rank's copy of the slot (store: the window's
         first grad of it)."""
         if self.unsharded is None:
-            self.unsharded = torch.zeros(self.world, self.buffer.buf.numel(), device=self.buffer.device)
+            self.unsharded = torch.zeros(self.shards, self.buffer.buf.numel(), device=self.buffer.device)
         dim, rows = self.cuts[id(slot)]
         size = grad.shape[dim]
         pieces = [grad.narrow(dim, r * rows, min(rows, size - r * rows)).contiguous().view(-1)
-                  for r in range(self.world) if r * rows < size]
+                  for r in range(self.shards) if r * rows < size]
         offsets = [r * self.unsharded.shape[1] + slot.start for r in range(len(pieces))]
         ops.accumulate_many_(self.unsharded.view(-1), pieces, offsets, [store] * len(pieces), weight)
 
@@ -166,18 +178,22 @@ class ShardedReducer(LocalReducer):
         return [bool(f) for f in got[2 * steps + 1:]], weight_sum * self.world
 
     def _finish_unsharded(self, buffer: DeviceBuffer, written: list[bool], weight_sum: float):
-        """One fp32 reduce-scatter of the window's sums into the sharded buffer; the total weight and which
-        slots any rank wrote, summed over the ranks."""
+        """One fp32 reduce-scatter of the window's sums into the sharded buffer (and, under HSDP, one
+        all-reduce of it over the replicas); the total weight and which slots any rank wrote, summed over
+        the ranks."""
         unsharded, self.unsharded = self.unsharded, None
         if unsharded is None:
-            unsharded = torch.zeros(self.world, buffer.buf.numel(), device=buffer.device)
+            unsharded = torch.zeros(self.shards, buffer.buf.numel(), device=buffer.device)
         for slot, wrote in zip(buffer.slots, written):
             if not wrote:  # values of an earlier window (or discarded by zero_grad)
                 unsharded[:, slot.start: slot.start + slot.span].zero_()
         count = len(self.window.weights)
         t = torch.tensor([count, weight_sum, *written], dtype=torch.float64, device=buffer.device)
         dist.all_reduce(t, group=self.group)
-        _REDUCE_SCATTER(buffer.buf, unsharded.view(-1), group=self.group)
+        _REDUCE_SCATTER(buffer.buf, unsharded.view(-1), group=self.shard_group)
+        del unsharded
+        if self.replicas is not None:
+            dist.all_reduce(buffer.buf, group=self.replicas)
         got = t.tolist()
         if got[0] != count * self.world:
             raise RanksDisagree(f"the ranks ended a no-sync window after different numbers of micro-steps "
@@ -189,7 +205,7 @@ class ShardedReducer(LocalReducer):
             dist.all_reduce(buffer.found_inf, op=dist.ReduceOp.MAX, group=self.group)
 
     def global_sq_norm(self, local):
-        dist.all_reduce(local, group=self.group)
+        dist.all_reduce(local, group=self.shard_group)  # the replicas hold the same shards
         return local
 
     def abort(self):
@@ -225,7 +241,8 @@ def _fsdp_params(groups) -> list:
 
 def _cut(param) -> tuple[int, int]:
     """The dimension FSDP shards a parameter on, and the rows of each shard (the last ones may have fewer,
-    or none): torch.chunk's split."""
-    (placement,) = param.placements
-    ranks = param.device_mesh.size()
+    or none): torch.chunk's split. The shard placement is the mesh's last dimension (the first of HSDP's
+    is Replicate)."""
+    placement = param.placements[-1]
+    ranks = param.device_mesh.size(param.device_mesh.ndim - 1)
     return placement.dim, -(-param.shape[placement.dim] // ranks)

@@ -46,16 +46,18 @@ def test_fsdp2_with_unsharded_parameters_is_refused(one_process_group):
     refused(model, "must be sharded")
 
 
-def test_fsdp2_on_a_2d_mesh_hsdp_is_refused(one_process_group):
-    """HSDP: fully_shard on a 2-D (replicate, shard) mesh. One process gives a 1x1 mesh, which has the
-    placements of any HSDP mesh (Replicate(), Shard(0)) and ndim 2, what the guard reads."""
+def test_fsdp2_with_tensor_parallelism_is_refused(one_process_group):
+    """FSDP2 over a tensor-parallel model (torchtitan's dp x tp mesh). One process gives a 1x1 mesh, with
+    the placements of any such model: (Shard(0), Shard(k)) where HSDP has (Replicate(), Shard(0))."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
     model = net()
-    mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("replicate", "shard"))
-    fully_shard(model, mesh=mesh)
+    mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("dp", "tp"))
+    parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    fully_shard(model, mesh=mesh["dp"])
     assert {p.device_mesh.ndim for p in model.parameters()} == {2}
-    refused(model, "1-D device mesh only")
+    refused(model, "tensor parallelism is not supported yet")
 
 
 def test_dtensor_parameters_outside_fsdp2_are_refused(one_process_group):
