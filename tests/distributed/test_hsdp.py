@@ -100,7 +100,7 @@ def test_hsdp_against_float64(tmp_path):
             got = torch.load(f"{results}.{rank}")[mode]
             for j, (g, e) in enumerate(zip(got["grads"], expected)):
                 torch.testing.assert_close(g.double(), e, rtol=1e-5, atol=1e-7,
-                                           msg=lambda m, j=j: f"{mode}, rank {rank}, parameter {j}: {m}")
+                                           msg=lambda m, w=f"{mode}, rank {rank}, parameter {j}": f"{w}: {m}")
             torch.testing.assert_close(got["norm"].double(), norm, rtol=1e-5, atol=0)
             if mode != "sync":  # gacc's one all-reduce of the window's fp32 shards over the replicas
                 assert got["replica_all_reduces"] == 1, f"{mode}: {got['replica_all_reduces']} all-reduces"

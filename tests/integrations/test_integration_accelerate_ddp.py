@@ -49,7 +49,8 @@ def _train(rank, net, results, fsdp2):
                 opt.step()
                 opt.zero_grad()
     acc.remove()
-    torch.save({"seen": seen, "took": took, "params": [full(p.detach()).clone() for p in net.parameters()]}, f"{results}.{rank}")
+    params = [full(p.detach()).clone() for p in net.parameters()]
+    torch.save({"seen": seen, "took": took, "params": params}, f"{results}.{rank}")
     torch.distributed.destroy_process_group()
 
 
