@@ -29,8 +29,11 @@ What it translates (Fabric 2.x):
 - `fabric.clip_gradients(model, optimizer, max_norm=...)` over the attached optimizer's parameters is
   gacc's fp32 clip of p.grad and p.main_grad together, with the norm from the fused pass (L2; it raises
   on a non-finite norm when error_if_nonfinite, as Fabric does). Other clips go to Fabric.
-Refused: strategies that accumulate, reduce or shard gradients themselves (DeepSpeed, FSDP), and those
-not supported yet (model parallel / FSDP2, DataParallel, XLA); single device and DDP are supported.
+- ModelParallelStrategy with FSDP2 (fully_shard in the parallelize_fn): Fabric's no_backward_sync turns
+  FSDP's gradient sync off, and gacc then sums the unsharded grads in fp32 and reduce-scatters each
+  window once (the core's FSDP2 no-sync mode). Tensor parallelism is refused by the core.
+Refused: strategies that accumulate, reduce or shard gradients themselves (DeepSpeed, FSDP1), and those
+not supported yet (DataParallel, XLA); single device, DDP and ModelParallelStrategy are supported.
 Also precision="64-true" (float64 parameters already accumulate in float64).
 """
 from __future__ import annotations
@@ -58,21 +61,20 @@ _REFUSED = (
     (DeepSpeedStrategy, ("it accumulates, reduces and scales gradients itself (for fp32 accumulation set "
                          '"data_types": {"grad_accum_dtype": "fp32"} in its config, without gacc)')),
     (FSDPStrategy, f"it reduce-scatters and shards the grads (FSDP1) before gacc could see them; {_DDP}"),
-    (ModelParallelStrategy, ("gacc's Fabric integration does not support model-parallel strategies (FSDP2, "
-                             f"tensor parallelism) yet; {_DDP}")),
     (SingleDeviceXLAStrategy, "gacc's Fabric integration does not support XLA"),
 )
 
 
 def check_strategy(strategy) -> None:
-    """Single device and DDP only; others are refused, naming the strategy."""
+    """Single device, DDP and ModelParallelStrategy (FSDP2; the core refuses tensor parallelism); others
+    are refused, naming the strategy."""
     name = type(strategy).__name__
     for cls, why in _REFUSED:
         if isinstance(strategy, cls):
             raise RuntimeError(f"gacc does not run under Fabric's {name}: {why}")
-    if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+    if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy, ModelParallelStrategy)):
         raise RuntimeError(f"gacc does not run under Fabric's {name} (not supported yet): use a single "
-                           'device or strategy="ddp"')
+                           'device, strategy="ddp" or ModelParallelStrategy with FSDP2')
 
 
 def attach(fabric, model: torch.nn.Module, optimizer, steps: int, **kwargs) -> GradAccumulator:

@@ -56,11 +56,16 @@ def fabric_loop(fabric, model, optimizer, data, divide: bool, clip: float | None
             fabric.backward(loss / K if divide else loss)
         if not is_accumulating:
             if clip is not None:
-                norms.append(fabric.clip_gradients(model, optimizer, max_norm=clip).double())
-            seen.append([p.grad.detach().double().clone() for p in model.parameters()])
+                norms.append(full(fabric.clip_gradients(model, optimizer, max_norm=clip)).double())
+            seen.append([full(p.grad).detach().double().clone() for p in model.parameters()])
             optimizer.step()
             optimizer.zero_grad()
-    return seen, norms, [p.detach().double().clone() for p in model.parameters()]
+    return seen, norms, [full(p).detach().double().clone() for p in model.parameters()]
+
+
+def full(t):
+    """A DTensor (FSDP2's parameters and grads) as the whole tensor."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def setup(fabric, net):
@@ -230,6 +235,49 @@ def _ddp_worker(rank, net, results):
     torch.distributed.destroy_process_group()
 
 
+def fsdp2(model, mesh):
+    from torch.distributed.fsdp import fully_shard
+    for layer in model.modules():
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh["data_parallel"])
+    return fully_shard(model, mesh=mesh["data_parallel"])
+
+
+def _fsdp2_worker(rank, net, results):
+    fabric = Fabric(accelerator="cpu", devices=WORLD,
+                    strategy=ModelParallelStrategy(fsdp2, data_parallel_size=WORLD, tensor_parallel_size=1))
+    fabric.launch()
+    out = {}
+    for divide, clip in DDP_CASES:
+        for gacc in (False, True):
+            model = fabric.setup_module(copy.deepcopy(net))  # sharded: the optimizer comes after
+            optimizer = fabric.setup_optimizers(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
+            acc = gacc_fabric.attach(fabric, model, optimizer, steps=K) if gacc else None
+            out[divide, clip, gacc] = fabric_loop(fabric, model, optimizer, rank_batches(rank), divide, clip)
+            if acc is not None:
+                acc.remove()
+    torch.save(out, f"{results}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_fabric_fsdp2_matches_fabric_stock_fsdp2(tmp_path):
+    """ModelParallelStrategy with fully_shard on two gloo processes: no_backward_sync turns FSDP's gradient
+    sync off, so gacc sums the unsharded grads and reduce-scatters each window once; the same grads as
+    Fabric's stock FSDP2 run and the float64 large-batch run."""
+    net = MLP()
+    results = str(tmp_path / "rank")
+    spawn(_fsdp2_worker, WORLD, copy.deepcopy(net), results)
+    ranks = [torch.load(f"{results}.{r}") for r in range(WORLD)]
+    per_rank = [rank_batches(r) for r in range(WORLD)]
+    for divide, clip in DDP_CASES:
+        big = large_batch_run(copy.deepcopy(net), per_rank, divide, clip)
+        for rank, out in enumerate(ranks):
+            gacc, stock = out[divide, clip, True], out[divide, clip, False]
+            case = f"rank {rank}, divide={divide}, clip={clip}"
+            assert_same(gacc, stock, rtol=1e-6, what=f"{case}: gacc against Fabric's stock FSDP2 run")
+            assert_same(gacc, big, rtol=2e-6, what=f"{case}: gacc against the float64 large-batch run")
+
+
 def test_fabric_ddp_matches_fabric_stock_ddp(tmp_path):
     """strategy="ddp" on two gloo processes, Fabric's loop with no_backward_sync and a short last window,
     with and without / K and the clip: the optimizer's grads are Fabric's stock DDP run's (which all-reduces
@@ -268,7 +316,6 @@ def test_core_attach_refuses_fabric_wrappers_and_points_to_the_integration():
 @pytest.mark.parametrize(("strategy", "says"), [
     (DeepSpeedStrategy, "accumulates, reduces and scales gradients itself"),
     (FSDPStrategy, "shards the grads (FSDP1)"),
-    (ModelParallelStrategy, "model-parallel strategies (FSDP2, tensor parallelism) yet"),
     (SingleDeviceXLAStrategy, "XLA"),
     (DataParallelStrategy, "not supported yet"),
 ])
