@@ -101,3 +101,11 @@ class ShardedReducer(LocalReducer):
     def global_sq_norm(self, local):
         dist.all_reduce(local, group=self.group)
         return local
+
+    def stats_totals(self, local):
+        """The grads came summed over the ranks: a micro-batch is the ranks' together. q and S_big are
+        sums over the shards; the micro-steps and weights are this rank's (the same on every rank),
+        each micro-batch holding `world` times its weight in units."""
+        shards = local[:2].clone()
+        dist.all_reduce(shards, group=self.group)
+        return torch.cat([shards, local[2:4], local[2:3] * self.world])

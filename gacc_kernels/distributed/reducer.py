@@ -51,6 +51,10 @@ class Reducer(Protocol):
     def abort(self) -> None:
         """A backward raised: wait for what is in flight; the window is dropped."""
 
+    def stats_totals(self, local: torch.Tensor) -> torch.Tensor:
+        """The window's statistics over the ranks (stats.GradStats), from this rank's float64
+        [q, S_big, weight sum, micro-steps]: [q, S_big, W, n, units], in one small collective."""
+
 
 class LocalReducer:
     """One process: nothing to reduce. The base of the others: a stage they don't need does nothing."""
@@ -80,3 +84,6 @@ class LocalReducer:
 
     def abort(self):
         pass
+
+    def stats_totals(self, local):
+        return torch.cat([local, local[2:3]])
