@@ -52,6 +52,11 @@ class Stats(NamedTuple):
     covered: float       # the fraction of the gradient's elements that the statistics cover
     windows: int         # windows in the averages (skipped: n = 1, inf/NaN, a GradScaler's skipped step)
 
+    def metrics(self) -> dict[str, float]:
+        """What the framework integrations log: the noise scale (and its average), |G|^2 and tr(Sigma)."""
+        return {"gacc/b_simple": self.b_simple, "gacc/b_simple_ema": self.b_simple_ema,
+                "gacc/g2": self.g2, "gacc/trace": self.trace}
+
 
 class GradStats:
     def __init__(self, buffers: list[DeviceBuffer], reducer: Reducer, beta: float):
