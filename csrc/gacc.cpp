@@ -197,16 +197,31 @@ void accumulate_range(float* out, const T* grad, int64_t n, float w, bool store)
   });
 }
 
-// accumulate_range over one chunk, serially, returning the chunk's sum of t * g (in double), where
-// t = w * float(g) is what it adds: the micro-step's weighted squared norm (stat_partials).
+// accumulate_range over one chunk, serially, returning the chunk's sum of t * g, where t = w * float(g)
+// is what it adds: the micro-step's weighted squared norm (stat_partials). The sum is kept in kLanes
+// fp32 partial sums (so the loop vectorizes), added up in double.
 template <typename T>
 double accumulate_chunk_stat(float* out, const T* grad, int64_t n, float w, bool store) {
-  double acc = 0.0;
-  for (int64_t i = 0; i < n; ++i) {
+  constexpr int kLanes = 16;
+  float lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const float g = static_cast<float>(grad[i + l]);
+      const float t = w * g;
+      out[i + l] = store ? t : out[i + l] + t;
+      lanes[l] += t * g;
+    }
+  }
+  for (; i < n; ++i) {
     const float g = static_cast<float>(grad[i]);
     const float t = w * g;
     out[i] = store ? t : out[i] + t;
-    acc += static_cast<double>(t * g);
+    lanes[0] += t * g;
+  }
+  double acc = 0.0;
+  for (const float lane : lanes) {
+    acc += lane;
   }
   return acc;
 }
@@ -253,7 +268,8 @@ void accumulate_many_cpu(
         accumulate_range(base + offsets[i], grad, n, w, store.get(i));
         continue;
       }
-      at::parallel_for(0, (n + kFinalizeChunk - 1) / kFinalizeChunk, 1, [&](int64_t c_begin, int64_t c_end) {
+      const int64_t grain = kGrainSize / kFinalizeChunk;  // chunks per task, as accumulate_range splits
+      at::parallel_for(0, (n + kFinalizeChunk - 1) / kFinalizeChunk, grain, [&](int64_t c_begin, int64_t c_end) {
         for (int64_t c = c_begin; c < c_end; ++c) {
           const int64_t begin = c * kFinalizeChunk;
           const int64_t end = std::min(begin + kFinalizeChunk, n);
