@@ -224,3 +224,26 @@ def test_linear_regression_noise_scale_within_10_percent_of_the_analytic_answer(
     assert abs(stats.g2_ema / g2 - 1) < 0.1, stats
     assert abs(stats.trace_ema / trace - 1) < 0.1, stats
     assert abs(stats.b_simple_ema / (trace / g2) - 1) < 0.1, stats
+
+
+def test_fused_linear_weights_are_left_out_and_the_rest_is_exact(monkeypatch):
+    """fuse_linear=True (forced on the CPU): the fused weights' micro-grads never pass through the kernels,
+    so they are left out; the biases and the rest are the reference's."""
+    from gacc_kernels import fused_linear
+    monkeypatch.setattr(fused_linear, "_FORCE", True)
+    model = make("mlp", torch.bfloat16, "cpu")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    acc = gacc_kernels.attach(model, opt, steps=3, reduction="mean", grad_stats=True, fuse_linear=True)
+    params = list(model.parameters())
+    keep = [p.dim() == 1 for p in params]  # the biases; every weight is a fused nn.Linear's
+    data = batches("mlp", 3, "cpu", seed=5)
+
+    def loss_fn(m, x, y):
+        return F.mse_loss(m(x.bfloat16()).float(), y)
+
+    exp = reference(estimates(model, loss_fn, data, keep), [1.0] * 3)
+    for x, y in data:
+        loss_fn(model, x, y).backward()
+    stats = acc.stats()
+    assert_stats(stats, *exp)
+    assert math.isclose(stats.covered, sum(p.numel() for p in params if p.dim() == 1) / sum(p.numel() for p in params))
