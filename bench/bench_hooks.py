@@ -11,6 +11,11 @@ returns them), so only gradient handling is timed. Variants:
     d-naive  hook main_grad += p.grad.float() / K; p.grad = None; zero_() at the step
 
     python bench/bench_hooks.py [--out bench/results] [--quick]
+
+--stats instead times gacc with attach(grad_stats=True) against gacc without, alternating in the same
+run (the noise scale's cost: one more reduction in the accumulate pass, and a few small reductions
+when a window closes), and the accumulate kernels alone with and without stat partials; it writes
+hooks_stats.md.
 """
 from __future__ import annotations
 
@@ -199,11 +204,74 @@ def _flat_launch_ms(n: int, dev: str) -> float:
     return time_ms(lambda: gacc_kernels.accumulate_(buf, g, 1.0, False))
 
 
+def gacc_ms(model, k: int, grad_stats: bool) -> tuple[float, float]:
+    """gacc's ms per steady micro-step and per optimizer step at K=k, with or without the statistics."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    acc = gacc_kernels.attach(model, opt, steps=10**9, grad_stats=grad_stats)
+    model().backward()  # the first micro-step (store) out of the way
+
+    def ten_micro_steps():
+        for _ in range(10):
+            model().backward()
+    micro = events_ms(ten_micro_steps, reps=5) / 10
+    acc.remove()
+    opt.zero_grad()
+    acc = gacc_kernels.attach(model, opt, steps=k, grad_stats=grad_stats)
+    per_step = events_ms(lambda: [window(model, k, "gacc", acc=acc) for _ in range(3)], reps=3, warmup=1) / 3
+    acc.remove()
+    opt.zero_grad()
+    return micro, per_step
+
+
+def kernel_ms(n: int, dev: str, backend: str, stats: bool) -> tuple[float, float]:
+    """One accumulate_many_ and one accumulate_finalize_ launch over n bf16 elements, with or without
+    stat partials."""
+    from gacc_kernels.kernels import reference, triton_ops
+    many = torch.ops.gacc.accumulate_many_ if backend == "extension" else triton_ops.accumulate_many_
+    last = torch.ops.gacc.accumulate_finalize_ if backend == "extension" else triton_ops.accumulate_finalize_
+    buf = torch.zeros(n, device=dev)
+    g = torch.randn(n, device=dev).bfloat16()
+    partials = torch.zeros(reference.norm_partials_size(n), device=dev)
+    sp = torch.zeros_like(partials) if stats else None
+    one, inf = torch.ones(1, device=dev), torch.zeros(1, device=dev)
+    return (time_ms(lambda: many(buf, [g], [0], [False], 1.0, sp)),
+            time_ms(lambda: last(buf, [g], [0], [False], 1.0, one, inf, partials, False, sp)))
+
+
+def stats_report(sets, dev: str, rounds: int = 5, k: int = 8) -> list[str]:
+    """gacc with and without grad_stats, alternating (off, on, on, off, ...) so drift cancels."""
+    md = ["# The noise scale's cost: gacc with attach(grad_stats=True) against without, in the same run\n",
+          f"{stamp()}\n", f"{rounds} alternating rounds each; medians; K={k} for the per-step time.\n"]
+    for set_name, shapes in sets.items():
+        model = ParamSet(shapes, dev)
+        n = sum(p.numel() for p in model.parameters())
+        times = {False: [], True: []}
+        for r in range(rounds):
+            for on in ((False, True) if r % 2 == 0 else (True, False)):
+                times[on].append(gacc_ms(model, k, on))
+        med = {on: [statistics.median(t[i] for t in times[on]) for i in range(2)] for on in times}
+        rows = [["off", *med[False]], ["on", *med[True]],
+                ["on / off", med[True][0] / med[False][0], med[True][1] / med[False][1]]]
+        md.append(f"## {set_name}: {len(shapes)} tensors, {n / 1e9:.3f} B elements\n")
+        md.append(table(["grad_stats", "ms / micro-step", f"ms / step K={k}"], rows))
+        krows = []
+        for backend in ("extension", "triton"):
+            off, on = kernel_ms(n, dev, backend, False), kernel_ms(n, dev, backend, True)
+            krows.append([backend, off[0], on[0], on[0] / off[0], off[1], on[1], on[1] / off[1]])
+        md.append(f"\nOne launch over the {n / 1e9:.3f} B elements (bf16 grads), without and with stat partials:\n")
+        md.append(table(["backend", "accumulate_many_ ms", "+ stats ms", "ratio", "accumulate_finalize_ ms",
+                         "+ stats ms", "ratio"], krows) + "\n")
+        del model
+        torch.cuda.empty_cache()
+    return md
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--quick", action="store_true", help="smaller sets, for a smoke run")
     ap.add_argument("--bucket-sweep", action="store_true", help="also time gacc at several bucket sizes")
+    ap.add_argument("--stats", action="store_true", help="only gacc with and without grad_stats (hooks_stats.md)")
     args = ap.parse_args()
     torch.manual_seed(0)
     dev = "cuda"
@@ -212,6 +280,9 @@ def main() -> None:
     sets = {"llama-3.2-1b": LLAMA_1B, "400 x 64K": [(65536,)] * 400}
     if args.quick:
         sets = {"llama-quick": [(4096, 2048)] * 8 + [(2048,)] * 4, "400 x 64K": [(65536,)] * 400}
+    if args.stats:
+        write_report(args.out, "hooks_stats.md", stats_report(sets, dev))
+        return
     md = [f"# Hook path: gradient handling per micro-step and per optimizer step\n\n{stamp()}\n", __doc__]
 
     copy_bw = _copy_bandwidth(dev)

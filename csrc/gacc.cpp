@@ -128,6 +128,28 @@ void check_scale(const at::Tensor& buf, const at::Tensor& scale, const std::opti
   check_cast_out(op, out, buf);
 }
 
+void check_stat_partials(
+    const char* op,
+    const std::optional<at::Tensor>& stat_partials,
+    const at::Tensor& buf,
+    at::TensorList grads,
+    at::IntArrayRef offsets) {
+  if (!stat_partials.has_value()) {
+    return;
+  }
+  check_fp32_contiguous(op, "stat_partials", *stat_partials);
+  check_same_device(op, "stat_partials", *stat_partials, "buf", buf);
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const int64_t chunks = (grads[i].numel() + kFinalizeChunk - 1) / kFinalizeChunk;
+    TORCH_CHECK(
+        offsets[i] % kFinalizeChunk == 0, op, ": offsets[", i, "] = ", offsets[i], " is not a multiple of ",
+        kFinalizeChunk, "; stat_partials needs every slot aligned to ", kFinalizeChunk, " elements");
+    TORCH_CHECK(
+        offsets[i] / kFinalizeChunk + chunks <= stat_partials->numel(), op, ": stat_partials has ",
+        stat_partials->numel(), " elements; it needs one per ", kFinalizeChunk, " elements of buf");
+  }
+}
+
 void check_accumulate_finalize(
     const at::Tensor& buf,
     at::TensorList grads,
@@ -175,6 +197,41 @@ void accumulate_range(float* out, const T* grad, int64_t n, float w, bool store)
   });
 }
 
+// accumulate_range over one chunk, serially, returning the chunk's sum of t * g, where t = w * float(g)
+// is what it adds: the micro-step's weighted squared norm (stat_partials). The sum is kept in kLanes
+// fp32 partial sums (so the loop vectorizes), added up in double.
+template <typename T>
+double accumulate_chunk_stat(float* out, const T* grad, int64_t n, float w, bool store) {
+  constexpr int kLanes = 16;
+  float lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const float g = static_cast<float>(grad[i + l]);
+      const float t = w * g;
+      out[i + l] = store ? t : out[i + l] + t;
+      lanes[l] += t * g;
+    }
+  }
+  for (; i < n; ++i) {
+    const float g = static_cast<float>(grad[i]);
+    const float t = w * g;
+    out[i] = store ? t : out[i] + t;
+    lanes[0] += t * g;
+  }
+  double acc = 0.0;
+  for (const float lane : lanes) {
+    acc += lane;
+  }
+  return acc;
+}
+
+// stat_partials[index] = (store ? 0 : itself) + sum.
+void write_stat(float* stat_partials, int64_t index, double sum, bool store) {
+  const float s = static_cast<float>(sum);
+  stat_partials[index] = store ? s : stat_partials[index] + s;
+}
+
 void accumulate_cpu(const at::Tensor& out, const at::Tensor& grad, double weight, bool store) {
   check_accumulate(out, grad);
   if (out.numel() == 0) {
@@ -192,18 +249,35 @@ void accumulate_many_cpu(
     at::TensorList grads,
     at::IntArrayRef offsets,
     const c10::List<bool>& store,
-    double weight) {
+    double weight,
+    const std::optional<at::Tensor>& stat_partials) {
   check_accumulate_many(buf, grads, offsets, store);
+  check_stat_partials("gacc::accumulate_many_", stat_partials, buf, grads, offsets);
   if (grads.empty()) {
     return;
   }
   float* base = buf.mutable_data_ptr<float>();
+  const float w = static_cast<float>(weight);
+  float* stats = stat_partials.has_value() ? stat_partials->mutable_data_ptr<float>() : nullptr;
   dispatch_float_types(grads[0].scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     for (size_t i = 0; i < grads.size(); ++i) {
-      accumulate_range(
-          base + offsets[i], grads[i].const_data_ptr<T>(), grads[i].numel(), static_cast<float>(weight),
-          store.get(i));
+      const int64_t n = grads[i].numel();
+      const T* grad = grads[i].const_data_ptr<T>();
+      if (stats == nullptr) {
+        accumulate_range(base + offsets[i], grad, n, w, store.get(i));
+        continue;
+      }
+      const int64_t grain = kGrainSize / kFinalizeChunk;  // chunks per task, as accumulate_range splits
+      at::parallel_for(0, (n + kFinalizeChunk - 1) / kFinalizeChunk, grain, [&](int64_t c_begin, int64_t c_end) {
+        for (int64_t c = c_begin; c < c_end; ++c) {
+          const int64_t begin = c * kFinalizeChunk;
+          const int64_t end = std::min(begin + kFinalizeChunk, n);
+          const double sum =
+              accumulate_chunk_stat(base + offsets[i] + begin, grad + begin, end - begin, w, store.get(i));
+          write_stat(stats, offsets[i] / kFinalizeChunk + c, sum, store.get(i));
+        }
+      });
     }
   });
 }
@@ -276,13 +350,16 @@ void accumulate_finalize_cpu(
     const at::Tensor& scale,
     const at::Tensor& found_inf,
     const at::Tensor& norm_partials,
-    bool write_grads) {
+    bool write_grads,
+    const std::optional<at::Tensor>& stat_partials) {
   check_accumulate_finalize(buf, grads, offsets, store, scale, found_inf, norm_partials);
+  check_stat_partials("gacc::accumulate_finalize_", stat_partials, buf, grads, offsets);
   if (grads.empty()) {
     return;
   }
   float* base = buf.mutable_data_ptr<float>();
   float* partials = norm_partials.mutable_data_ptr<float>();
+  float* stats = stat_partials.has_value() ? stat_partials->mutable_data_ptr<float>() : nullptr;
   const float s = scale.const_data_ptr<float>()[0];
   const float w = static_cast<float>(weight);
   std::atomic<bool> any_nonfinite{false};
@@ -296,7 +373,12 @@ void accumulate_finalize_cpu(
         for (int64_t c = c_begin; c < c_end; ++c) {
           const int64_t begin = c * kFinalizeChunk;
           const int64_t end = std::min(begin + kFinalizeChunk, n);
-          accumulate_range(dst + begin, grad + begin, end - begin, w, store.get(t));
+          if (stats == nullptr) {
+            accumulate_range(dst + begin, grad + begin, end - begin, w, store.get(t));
+          } else {
+            const double sum = accumulate_chunk_stat(dst + begin, grad + begin, end - begin, w, store.get(t));
+            write_stat(stats, offsets[t] / kFinalizeChunk + c, sum, store.get(t));
+          }
           double sumsq = 0.0;
           bool nonfinite = false;
           if (write_grads) {  // the cast goes back over the grad it came from
@@ -333,14 +415,17 @@ void scale_cpu(const at::Tensor& buf, const at::Tensor& scale, const std::option
 
 TORCH_LIBRARY(gacc, m) {
   m.def("accumulate_(Tensor(a!) out, Tensor grad, float weight, bool store) -> ()");
-  m.def("accumulate_many_(Tensor(a!) buf, Tensor[] grads, int[] offsets, bool[] store, float weight) -> ()");
+  m.def(
+      "accumulate_many_(Tensor(a!) buf, Tensor[] grads, int[] offsets, bool[] store, float weight, "
+      "Tensor(b!)? stat_partials=None) -> ()");
   m.def(
       "finalize_(Tensor(a!) buf, Tensor scale, Tensor(b!) found_inf, Tensor(c!) norm_partials, "
       "Tensor(d!)? out) -> ()");
   m.def("scale_(Tensor(a!) buf, Tensor scale, Tensor(b!)? out) -> ()");
   m.def(
       "accumulate_finalize_(Tensor(a!) buf, Tensor(b!)[] grads, int[] offsets, bool[] store, float weight, "
-      "Tensor scale, Tensor(c!) found_inf, Tensor(d!) norm_partials, bool write_grads) -> ()");
+      "Tensor scale, Tensor(c!) found_inf, Tensor(d!) norm_partials, bool write_grads, "
+      "Tensor(e!)? stat_partials=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(gacc, CPU, m) {

@@ -26,6 +26,14 @@ void check_finalize(
     const at::Tensor& norm_partials,
     const std::optional<at::Tensor>& out);
 void check_scale(const at::Tensor& buf, const at::Tensor& scale, const std::optional<at::Tensor>& out);
+// The optional stat partials of accumulate_many_ / accumulate_finalize_: fp32, contiguous, on buf's
+// device, every offset a multiple of kFinalizeChunk and one partial per kFinalizeChunk elements.
+void check_stat_partials(
+    const char* op,
+    const std::optional<at::Tensor>& stat_partials,
+    const at::Tensor& buf,
+    at::TensorList grads,
+    at::IntArrayRef offsets);
 void check_accumulate_finalize(
     const at::Tensor& buf,
     at::TensorList grads,

@@ -89,9 +89,11 @@ __device__ __forceinline__ float accumulate_one(float prev, float g, float w, bo
 
 // This thread's kItem elements of chunk `chunk`: out[i] = w * float(grad[i]) (store) or
 // out[i] + w * float(grad[i]). One vector access each when aligned, single elements otherwise.
-template <typename T>
-__device__ __forceinline__ void accumulate_item(
+// kStats: returns this thread's sum of t * g, t = w * float(g) being what it adds (else 0).
+template <typename T, bool kStats>
+__device__ __forceinline__ float accumulate_item(
     float* out, const T* grad, int64_t n, float w, bool store, int64_t chunk) {
+  float stat = 0.0f;
   const int64_t i = chunk * kChunk + threadIdx.x * kItem;
   if (i + kItem <= n && is_aligned(out, 16) && is_aligned(grad, sizeof(Pack<T, kItem>))) {
     const Pack<T, kItem> g = load_stream(grad + i);
@@ -101,20 +103,29 @@ __device__ __forceinline__ void accumulate_item(
     }
 #pragma unroll
     for (int k = 0; k < kItem; ++k) {
-      o.v[k] = accumulate_one(o.v[k], static_cast<float>(g.v[k]), w, store);
+      const float x = static_cast<float>(g.v[k]);
+      o.v[k] = accumulate_one(o.v[k], x, w, store);
+      if constexpr (kStats) {
+        stat = fmaf(__fmul_rn(w, x), x, stat);
+      }
     }
     store_stream(out + i, o);
   } else {
     for (int64_t j = i; j < n && j < i + kItem; ++j) {
-      out[j] = accumulate_one(store ? 0.0f : out[j], static_cast<float>(grad[j]), w, store);
+      const float x = static_cast<float>(grad[j]);
+      out[j] = accumulate_one(store ? 0.0f : out[j], x, w, store);
+      if constexpr (kStats) {
+        stat = fmaf(__fmul_rn(w, x), x, stat);
+      }
     }
   }
+  return stat;
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     accumulate_kernel(float* out, const T* grad, int64_t n, float w, bool store) {
-  accumulate_item(out, grad, n, w, store, blockIdx.x);
+  accumulate_item<T, false>(out, grad, n, w, store, blockIdx.x);
 }
 
 // One accumulate_many_ launch: up to kMaxTensorsPerLaunch tensors, passed by value (about 2 KB,
@@ -142,14 +153,6 @@ __device__ __forceinline__ int tensor_of_block(const ManyArgs<T>& args, int64_t*
   return t;
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    accumulate_many_kernel(float* buf, const __grid_constant__ ManyArgs<T> args, float w) {
-  int64_t chunk;
-  const int t = tensor_of_block(args, &chunk);
-  accumulate_item(buf + args.offsets[t], args.grads[t], args.numels[t], w, args.store[t], chunk);
-}
-
 // Sum of v over the block (kThreads threads, all of which must call it); the result is valid in
 // thread 0. Fixed order, so deterministic.
 __device__ float block_sum(float v) {
@@ -173,6 +176,27 @@ __device__ float block_sum(float v) {
     }
   }
   return v;
+}
+
+// stat_partials[index] = (store ? 0 : itself) + stat summed over the block (written by thread 0).
+__device__ __forceinline__ void write_stat(float* stat_partials, int64_t index, float stat, bool store) {
+  stat = block_sum(stat);
+  if (threadIdx.x == 0) {
+    stat_partials[index] = store ? stat : __fadd_rn(stat_partials[index], stat);
+  }
+}
+
+// kStats: block = chunk c of tensor t also writes its sum of w * g^2 to stat_partials[offset / kChunk + c].
+template <typename T, bool kStats>
+__global__ void __launch_bounds__(kThreads) accumulate_many_kernel(
+    float* buf, const __grid_constant__ ManyArgs<T> args, float w, float* stat_partials) {
+  int64_t chunk;
+  const int t = tensor_of_block(args, &chunk);
+  const float stat =
+      accumulate_item<T, kStats>(buf + args.offsets[t], args.grads[t], args.numels[t], w, args.store[t], chunk);
+  if constexpr (kStats) {
+    write_stat(stat_partials, args.offsets[t] / kChunk + chunk, stat, args.store[t]);
+  }
 }
 
 // v = buf[i] * s; buf[i] = v; out[i] = OutT(v) (round to nearest even; skipped for OutT = NoOut).
@@ -240,9 +264,10 @@ struct FinalArgs {
   const float* scale;
   float* found_inf;
   float* norm_partials;
+  float* stat_partials;  // written with kStats, as in accumulate_many_kernel
 };
 
-template <typename T, bool kWriteGrads>
+template <typename T, bool kWriteGrads, bool kStats>
 __global__ void __launch_bounds__(kThreads) accumulate_finalize_kernel(
     float* buf, const __grid_constant__ ManyArgs<T> args, float w, const FinalArgs fin) {
   int64_t chunk;
@@ -254,6 +279,7 @@ __global__ void __launch_bounds__(kThreads) accumulate_finalize_kernel(
   const bool vectors = is_aligned(dst, 16) && is_aligned(grad, sizeof(Pack<T, kItem>));
   const float s = *fin.scale;
   float sumsq = 0.0f;
+  float stat = 0.0f;
   bool nonfinite = false;
   const int64_t i = chunk * kChunk + threadIdx.x * kItem;
   if (i + kItem <= n && vectors) {
@@ -264,7 +290,11 @@ __global__ void __launch_bounds__(kThreads) accumulate_finalize_kernel(
     }
 #pragma unroll
     for (int k = 0; k < kItem; ++k) {
-      v.v[k] = __fmul_rn(accumulate_one(v.v[k], static_cast<float>(g.v[k]), w, store), s);
+      const float x = static_cast<float>(g.v[k]);
+      v.v[k] = __fmul_rn(accumulate_one(v.v[k], x, w, store), s);
+      if constexpr (kStats) {
+        stat = fmaf(__fmul_rn(w, x), x, stat);
+      }
       nonfinite |= is_nonfinite(v.v[k]);
       sumsq = fmaf(v.v[k], v.v[k], sumsq);
     }
@@ -274,7 +304,11 @@ __global__ void __launch_bounds__(kThreads) accumulate_finalize_kernel(
     }
   } else {
     for (int64_t j = i; j < n && j < i + kItem; ++j) {
-      const float v = __fmul_rn(accumulate_one(store ? 0.0f : dst[j], static_cast<float>(grad[j]), w, store), s);
+      const float x = static_cast<float>(grad[j]);
+      const float v = __fmul_rn(accumulate_one(store ? 0.0f : dst[j], x, w, store), s);
+      if constexpr (kStats) {
+        stat = fmaf(__fmul_rn(w, x), x, stat);
+      }
       dst[j] = v;
       if constexpr (kWriteGrads) {
         grad[j] = static_cast<T>(v);
@@ -289,6 +323,10 @@ __global__ void __launch_bounds__(kThreads) accumulate_finalize_kernel(
   sumsq = block_sum(sumsq);
   if (threadIdx.x == 0) {
     fin.norm_partials[args.offsets[t] / kChunk + chunk] = sumsq;
+  }
+  if constexpr (kStats) {
+    __syncthreads();  // block_sum's shared memory is read by warp 0 above before it is written again
+    write_stat(fin.stat_partials, args.offsets[t] / kChunk + chunk, stat, store);
   }
 }
 
@@ -347,8 +385,10 @@ void accumulate_many_cuda(
     at::TensorList grads,
     at::IntArrayRef offsets,
     const c10::List<bool>& store,
-    double weight) {
+    double weight,
+    const std::optional<at::Tensor>& stat_partials) {
   check_accumulate_many(buf, grads, offsets, store);
+  check_stat_partials("gacc::accumulate_many_", stat_partials, buf, grads, offsets);
   if (grads.empty()) {
     return;
   }
@@ -356,11 +396,16 @@ void accumulate_many_cuda(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(buf.device().index());
   float* base = buf.mutable_data_ptr<float>();
   const float w = static_cast<float>(weight);
+  float* stats = stat_partials.has_value() ? stat_partials->mutable_data_ptr<float>() : nullptr;
   dispatch_float_types(grads[0].scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     for_each_launch<T>(grads, offsets, store, [&](const ManyArgs<T>& args, int64_t blocks) {
-      accumulate_many_kernel<T><<<grid_for(blocks, "gacc::accumulate_many_"), kThreads, 0, stream>>>(
-          base, args, w);
+      const unsigned grid = grid_for(blocks, "gacc::accumulate_many_");
+      if (stats == nullptr) {
+        accumulate_many_kernel<T, false><<<grid, kThreads, 0, stream>>>(base, args, w, nullptr);
+      } else {
+        accumulate_many_kernel<T, true><<<grid, kThreads, 0, stream>>>(base, args, w, stats);
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -375,8 +420,10 @@ void accumulate_finalize_cuda(
     const at::Tensor& scale,
     const at::Tensor& found_inf,
     const at::Tensor& norm_partials,
-    bool write_grads) {
+    bool write_grads,
+    const std::optional<at::Tensor>& stat_partials) {
   check_accumulate_finalize(buf, grads, offsets, store, scale, found_inf, norm_partials);
+  check_stat_partials("gacc::accumulate_finalize_", stat_partials, buf, grads, offsets);
   if (grads.empty()) {
     return;
   }
@@ -384,16 +431,23 @@ void accumulate_finalize_cuda(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(buf.device().index());
   float* base = buf.mutable_data_ptr<float>();
   const float w = static_cast<float>(weight);
+  float* stats = stat_partials.has_value() ? stat_partials->mutable_data_ptr<float>() : nullptr;
   const FinalArgs fin{
-      scale.const_data_ptr<float>(), found_inf.mutable_data_ptr<float>(), norm_partials.mutable_data_ptr<float>()};
+      scale.const_data_ptr<float>(), found_inf.mutable_data_ptr<float>(), norm_partials.mutable_data_ptr<float>(),
+      stats};
   dispatch_float_types(grads[0].scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     for_each_launch<T>(grads, offsets, store, [&](const ManyArgs<T>& args, int64_t blocks) {
       const unsigned grid = grid_for(blocks, "gacc::accumulate_finalize_");
+      // the kernel for (write_grads, stats), each a compile-time flag
+      const auto launch = [&](auto write, auto with_stats) {
+        accumulate_finalize_kernel<T, decltype(write)::value, decltype(with_stats)::value>
+            <<<grid, kThreads, 0, stream>>>(base, args, w, fin);
+      };
       if (write_grads) {
-        accumulate_finalize_kernel<T, true><<<grid, kThreads, 0, stream>>>(base, args, w, fin);
+        stats == nullptr ? launch(std::true_type{}, std::false_type{}) : launch(std::true_type{}, std::true_type{});
       } else {
-        accumulate_finalize_kernel<T, false><<<grid, kThreads, 0, stream>>>(base, args, w, fin);
+        stats == nullptr ? launch(std::false_type{}, std::false_type{}) : launch(std::false_type{}, std::true_type{});
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

@@ -23,6 +23,7 @@ import torch
 from . import publish
 from .events import Events
 from .patch import set_attr
+from .stats import Stats
 from .stepping import Stepping
 from .window import State, Window
 
@@ -60,6 +61,10 @@ class GradAccumulator:
     last backward runs: reduction="sum" averages the ranks as DDP does; "mean" gives sum over ranks
     and micro-steps of w*g / the total weight.
     comm_dtype=torch.bfloat16 halves the bytes sent, at bf16 precision (see distributed.allreduce).
+
+    grad_stats=True: each window also estimates the gradient noise scale B_simple (acc.stats(); see
+    stats.py), from one more reduction in the accumulate kernels' pass; stats_beta is its moving
+    averages' decay.
 
     fuse_linear=True: the weight grad GEMM of each plain nn.Linear with a bf16/fp16 weight on CUDA
     writes the weight's slot itself, in fp32, and no bf16 weight grad is made (see fused_linear).
@@ -178,6 +183,14 @@ class GradAccumulator:
             return None
         return self.total_norm() if float(max_norm) == float("inf") else self.clip_grad_norm_(max_norm)
 
+    def stats(self) -> Stats:
+        """The gradient noise scale of the last finished window, and its moving averages (attach with
+        grad_stats=True). Reading it syncs with the device; the estimates themselves take none."""
+        stats = self._parts.events.stats
+        if stats is None:
+            raise RuntimeError("acc.stats() needs the statistics on: attach(..., grad_stats=True)")
+        return stats.read()
+
     def set_while_attached(self, obj: Any, name: str, value: Any) -> None:
         """obj.name = value until remove() (for the framework integrations)."""
         set_attr(obj, name, value, self._parts.undo)
@@ -200,10 +213,13 @@ class GradAccumulator:
             raise RuntimeError("state_dict() with a finished window that the optimizer has not stepped on; "
                                "call optimizer.step() first")
         fresh = w.state is State.STEPPED
-        return {**w.state_dict(), "layout": self._layout(),
-                "written": [not fresh and s.holds(w.id) for s in events.slots],
-                "buffers": [b.buf.clone() for b in events.buffers],
-                "reducer": {} if fresh else events.reducer.state_dict()}
+        state = {**w.state_dict(), "layout": self._layout(),
+                 "written": [not fresh and s.holds(w.id) for s in events.slots],
+                 "buffers": [b.buf.clone() for b in events.buffers],
+                 "reducer": {} if fresh else events.reducer.state_dict()}
+        if events.stats is not None:
+            state["grad_stats"] = events.stats.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["layout"] != self._layout() or state["steps"] != self.steps:
@@ -216,6 +232,8 @@ class GradAccumulator:
         events.window.load_state_dict(state)
         for slot, wrote in zip(events.slots, state["written"]):
             slot.load(events.window.id if wrote else None)
+        if events.stats is not None:
+            events.stats.load_state_dict(state.get("grad_stats"), state["micro_steps"])
         publish.open_main_grads(events.main_grad_slots, events.window.id)
 
     def remove(self) -> None:

@@ -19,6 +19,7 @@ from .distributed.reducer import LocalReducer
 from .events import Events
 from .finalize import Finalizer
 from .layout import DeviceBuffer
+from .stats import GradStats
 from .stepping import Stepping
 from .window import Window, check_steps
 
@@ -28,7 +29,8 @@ ATTACHED: weakref.WeakKeyDictionary[torch.nn.Module, GradAccumulator] = weakref.
 def attach(model: torch.nn.Module, optimizer, steps: int, scaler=None,
            reduction: str = "sum", loss_scale: float = 1.0, window_end=None,
            bucket_bytes: int = 128 << 20, process_group=None,
-           comm_dtype: torch.dtype = torch.float32, fuse_linear: bool = False) -> GradAccumulator:
+           comm_dtype: torch.dtype = torch.float32, fuse_linear: bool = False, grad_stats: bool = False,
+           stats_beta: float = 0.95) -> GradAccumulator:
     """Accumulate `steps` micro-steps of gradients in fp32 before each optimizer step. `optimizer`: the
     torch optimizer, or a list of them (a body and a head, Muon and AdamW). See GradAccumulator."""
     check_steps(steps)
@@ -74,7 +76,8 @@ def attach(model: torch.nn.Module, optimizer, steps: int, scaler=None,
             sync = ddp_.SyncFlag(ddp)
             sync.install(undo)
         finalizer = Finalizer(buffers, reduction == "mean", loss_scale, None, reducer.ranks)
-        events = Events(window, buffers, reducer, finalizer, checks, window_end, main_grad_slots)
+        stats = GradStats(buffers, reducer, float(stats_beta)) if grad_stats else None
+        events = Events(window, buffers, reducer, finalizer, checks, window_end, main_grad_slots, stats)
         if ddp is not None:
             events.add_window_signal(sync.ends_window)
         if sharded:

@@ -22,6 +22,7 @@ from .distributed.reducer import Reducer
 from .finalize import Finalizer
 from .guards import Guards, refuse_grad
 from .layout import Bucket, DeviceBuffer, Slot
+from .stats import GradStats
 from .window import State, Window
 
 
@@ -29,9 +30,11 @@ class Events:
     """The sink of capture.Capture, and the one driver of the window."""
 
     def __init__(self, window: Window, buffers: list[DeviceBuffer], reducer: Reducer, finalizer: Finalizer,
-                 guards: Guards, window_end: Callable[[], bool] | None, main_grad_slots: set[Slot]):
+                 guards: Guards, window_end: Callable[[], bool] | None, main_grad_slots: set[Slot],
+                 stats: GradStats | None = None):
         self.window, self.buffers, self.reducer, self.finalizer = window, buffers, reducer, finalizer
         self.guards, self.window_end, self.main_grad_slots = guards, window_end, main_grad_slots
+        self.stats = stats  # the gradient noise scale, with attach(grad_stats=True)
         self.slots: list[Slot] = [s for b in buffers for s in b.slots]
         self.sharded = any(s.sharded for s in self.slots)
         self.capture = None
@@ -92,6 +95,7 @@ class Events:
         w = self.window
         for slot in slots:
             slot.take(w.id, w.micro)
+            self._bypassed(slot)
 
     def grad_ready(self, slot: Slot, g: torch.Tensor, stream) -> None:
         if g.layout != torch.strided or g.numel() != slot.numel or g.is_cuda != slot.buffer.is_cuda:
@@ -127,6 +131,7 @@ class Events:
             raise RuntimeError("a layer added its grad into p.main_grad (grad_added_to_main_grad) of a "
                                "parameter that had no grad_added_to_main_grad attribute at attach(); set it "
                                "(False) first")
+        self._bypassed(slot)
         if slot.is_repeat(w.micro) and self._second_grad(slot):
             if write is None:
                 raise RuntimeError("a layer added its grad into p.main_grad after gacc had finalized or sent "
@@ -171,10 +176,16 @@ class Events:
         apart (the slot is finalized, or its bucket is on the wire)."""
         self.fuses_last_pass = False  # double grads repeat every micro-step
         slot.bucket.mark_repeats()
+        self._bypassed(slot)
         if self.reducer.is_sending(slot.bucket):
             return True
         self._flush(slot.bucket)
         return slot.finalized(self.window.micro)
+
+    def _bypassed(self, slot: Slot) -> None:
+        """The slot's micro-grads are not each one pass of the kernels: no statistics for it."""
+        if self.stats is not None:
+            self.stats.uncover(slot)
 
     def _add_apart(self, slot: Slot, g: torch.Tensor) -> None:
         if not self.reducer.take_late(slot, g, self.window.weight):
@@ -207,6 +218,9 @@ class Events:
         written = self.finalizer.run(self.window, self.slots, self.reducer, fused)
         if written is None:  # the ranks disagree: the window is broken
             return
+        if self.stats is not None:
+            w = self.window
+            self.stats.close(self.finalizer.applied, w.weight_sum, w.done)
         publish.publish(self.slots, written,
                         {id(b): outs for b, outs in zip(self.buffers, self.finalizer.outs)})
         self.published = {s for s, w in zip(self.slots, written) if w}

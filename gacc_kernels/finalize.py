@@ -29,6 +29,7 @@ class Finalizer:
         self._index = {id(b): i for i, b in enumerate(buffers)}
         # per buffer, the cast of each bf16/fp16 segment by a whole pass (p.grad are views of it)
         self.outs: list[list[torch.Tensor | None]] = [[None] * len(b.segments) for b in buffers]
+        self.applied: torch.Tensor | None = None  # the scale the last finished window was multiplied by
 
     def use_scaler(self, scaler: ScalerBridge) -> None:
         """The GradScaler whose scale each window is divided by."""
@@ -85,15 +86,21 @@ class Finalizer:
             if not wrote:  # stale values from an earlier window: not part of this one
                 slot.main.zero_()
                 slot.partials().zero_()
+                if slot.buffer.stat_partials is not None:
+                    slot.partials(slot.buffer.stat_partials).zero_()
             elif fused and not slot.finalized(window.finalizing):  # no grad in the fused last micro-step
                 self.slot(slot, self.armed(slot.buffer))
-        if not fused:
+        if fused:
+            self.applied = self.armed(self.buffers[0])
+        else:
             try:
                 written, weight_sum = reducer.finish(self.buffers, written, window.weight_sum)
             except RanksDisagree as e:  # raised at the step, not inside backward (FSDP's callbacks go on)
                 window.break_(f"{e} Call optimizer.zero_grad() to discard this window.")
                 return None
-            self.whole_pass(self.scales(weight_sum))
+            scales = self.scales(weight_sum)
+            self.whole_pass(scales)
+            self.applied = scales[0]
             reducer.after_finalize(self.buffers)
         self.arm(None)
         return written

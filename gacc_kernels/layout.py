@@ -121,9 +121,10 @@ class Slot:
         """Its range of a flat tensor that starts at buffer index `base`."""
         return t[self.start - base: self.start - base + self.numel]
 
-    def partials(self) -> torch.Tensor:
+    def partials(self, per_chunk: torch.Tensor | None = None) -> torch.Tensor:
+        """Its range of a tensor with one element per CHUNK of the buffer: the norm partials by default."""
         first = self.start // CHUNK
-        return self.buffer.partials[first: first + -(-self.numel // CHUNK)]
+        return (self.buffer.partials if per_chunk is None else per_chunk)[first: first + -(-self.numel // CHUNK)]
 
     def flat_view(self, g: torch.Tensor) -> torch.Tensor:
         """g as a 1-D tensor in the slot's memory order: a view where g has the slot's strides, else a
@@ -192,14 +193,14 @@ class Bucket:
             # parameter's result and becomes p.grad, so no new memory is taken
             write = self.dtype != torch.float32
             self.launch_last(buffer.buf, self.grads, self.offsets, self.store, weight, last,
-                             buffer.found_inf, buffer.partials, write)
+                             buffer.found_inf, buffer.partials, write, buffer.stat_partials)
             for slot, flat in zip(self.pending, self.grads):
                 slot.finalized_in = slot.micro
                 if write:
                     slot.set_out(flat if flat.shape == slot.shape
                                  else flat.as_strided(slot.shape, slot.strides))
         else:
-            self.launch(buffer.buf, self.grads, self.offsets, self.store, weight)
+            self.launch(buffer.buf, self.grads, self.offsets, self.store, weight, buffer.stat_partials)
         self._clear()
         return True
 
@@ -258,3 +259,8 @@ class DeviceBuffer:
                 slot.bucket = bucket
         self.found_inf = torch.zeros(1, dtype=torch.float32, device=device)
         self.partials = torch.zeros(end // CHUNK, device=device)  # squared norm, one per CHUNK
+        self.stat_partials: torch.Tensor | None = None  # sum(w g^2) per CHUNK, with grad_stats (stats.py)
+
+    def keep_stats(self) -> None:
+        """The launches also write each chunk's sum(w g^2) (stats.GradStats)."""
+        self.stat_partials = torch.zeros_like(self.partials)

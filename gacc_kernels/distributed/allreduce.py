@@ -124,6 +124,14 @@ class AllReduce(LocalReducer):
         self._reset()
         return [bool(f) for f in flags[:len(slots)]], total
 
+    def stats_totals(self, local):
+        """Each rank's micro-batches are its own: q, the weights and the micro-steps are summed; S_big is
+        the norm of the reduced result, the same on every rank."""
+        summed = local[[0, 2, 3]]
+        dist.all_reduce(summed, group=self.group)
+        q, weights, n = summed.unbind()
+        return torch.stack([q, local[1], weights, n, weights])
+
     def abort(self):
         """A backward raised: wait for what is on the wire (the window is dropped)."""
         for _, work, _ in self.works:

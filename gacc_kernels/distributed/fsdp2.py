@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ..kernels import ops
+from ..kernels.reference import CHUNK
 from ..layout import DeviceBuffer, Slot
 from .reducer import LocalReducer, RanksDisagree
 
@@ -99,6 +100,7 @@ class ShardedReducer(LocalReducer):
             m.set_force_sum_reduction_for_comms(True)
         self.no_sync = False  # this window's grads come unsharded, to gacc
         self.unsharded: torch.Tensor | None = None  # (shards, buffer length) fp32, in a no-sync window
+        self.unsharded_stats: torch.Tensor | None = None  # its stat partials, with grad_stats (stats.py)
         self.cuts = {id(s): _cut(s.param) for s in buffer.slots}  # how each whole grad splits into shards
         self.hooked: set[int] = set()  # FSDP parameters whose unsharded parameter gacc has hooked
 
@@ -149,12 +151,15 @@ class ShardedReducer(LocalReducer):
         first grad of it)."""
         if self.unsharded is None:
             self.unsharded = torch.zeros(self.shards, self.buffer.buf.numel(), device=self.buffer.device)
+            if self.buffer.stat_partials is not None:
+                self.unsharded_stats = self.buffer.stat_partials.new_zeros(self.shards, self.buffer.partials.numel())
         dim, rows = self.cuts[id(slot)]
         size = grad.shape[dim]
         pieces = [grad.narrow(dim, r * rows, min(rows, size - r * rows)).contiguous().view(-1)
                   for r in range(self.shards) if r * rows < size]
         offsets = [r * self.unsharded.shape[1] + slot.start for r in range(len(pieces))]
-        ops.accumulate_many_(self.unsharded.view(-1), pieces, offsets, [store] * len(pieces), weight)
+        stats = None if self.unsharded_stats is None else self.unsharded_stats.view(-1)
+        ops.accumulate_many_(self.unsharded.view(-1), pieces, offsets, [store] * len(pieces), weight, stats)
 
     # -- the window's end ----------------------------------------------------------------------------
 
@@ -182,11 +187,16 @@ class ShardedReducer(LocalReducer):
         all-reduce of it over the replicas); the total weight and which slots any rank wrote, summed over
         the ranks."""
         unsharded, self.unsharded = self.unsharded, None
+        stats, self.unsharded_stats = self.unsharded_stats, None
         if unsharded is None:
             unsharded = torch.zeros(self.shards, buffer.buf.numel(), device=buffer.device)
         for slot, wrote in zip(buffer.slots, written):
             if not wrote:  # values of an earlier window (or discarded by zero_grad)
                 unsharded[:, slot.start: slot.start + slot.span].zero_()
+                if stats is not None:
+                    stats[:, slot.start // CHUNK: (slot.start + slot.span) // CHUNK].zero_()
+        if buffer.stat_partials is not None:  # this rank's sum(w g^2) over whole parameters, by chunk
+            buffer.stat_partials.copy_(stats.sum(0) if stats is not None else 0.0)
         count = len(self.window.weights)
         t = torch.tensor([count, weight_sum, *written], dtype=torch.float64, device=buffer.device)
         dist.all_reduce(t, group=self.group)
@@ -208,19 +218,35 @@ class ShardedReducer(LocalReducer):
         dist.all_reduce(local, group=self.shard_group)  # the replicas hold the same shards
         return local
 
+    def stats_totals(self, local):
+        """Sync on: the grads came summed over the ranks, so a micro-batch is the ranks' together; q and
+        S_big are sums over the shards, the micro-steps and weights this rank's (the same on every rank),
+        each micro-batch holding `world` times its weight in units. Sync off: q is this rank's, over whole
+        parameters (`unsharded_stats`), summed over every rank as under DDP; S_big over the shards."""
+        if self.no_sync:  # one collective over every rank; the replicas' equal S_big parts are divided out
+            totals = local.clone()
+            dist.all_reduce(totals, group=self.group)
+            sbig = totals[1:2] / (self.world // self.shards)
+            return torch.cat([totals[:1], sbig, totals[2:4], totals[2:3]])
+        shards = local[:2].clone()
+        dist.all_reduce(shards, group=self.shard_group)
+        return torch.cat([shards, local[2:4], local[2:3] * self.world])
+
     def abort(self):
-        self.unsharded = None
+        self.unsharded = self.unsharded_stats = None
 
     # -- checkpoints ---------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
         return {"no_sync": self.no_sync,
-                "unsharded": None if self.unsharded is None else self.unsharded.clone()}
+                "unsharded": None if self.unsharded is None else self.unsharded.clone(),
+                "unsharded_stats": None if self.unsharded_stats is None else self.unsharded_stats.clone()}
 
     def load_state_dict(self, state: dict) -> None:
         self.no_sync = state.get("no_sync", False)
-        saved = state.get("unsharded")
+        saved, stats = state.get("unsharded"), state.get("unsharded_stats")
         self.unsharded = None if saved is None else saved.to(self.buffer.device, copy=True)
+        self.unsharded_stats = None if stats is None else stats.to(self.buffer.device, copy=True)
 
 
 def check_private_state(groups) -> None:

@@ -60,6 +60,10 @@ class Reducer(Protocol):
 
     def load_state_dict(self, state: dict) -> None: ...
 
+    def stats_totals(self, local: torch.Tensor) -> torch.Tensor:
+        """The window's statistics over the ranks (stats.GradStats), from this rank's float64
+        [q, S_big, weight sum, micro-steps]: [q, S_big, W, n, units], in one small collective."""
+
 
 class LocalReducer:
     """One process: nothing to reduce. The base of the others: a stage they don't need does nothing."""
@@ -98,3 +102,6 @@ class LocalReducer:
 
     def load_state_dict(self, state):
         pass
+
+    def stats_totals(self, local):
+        return torch.cat([local, local[2:3]])

@@ -15,6 +15,9 @@ What it translates (Accelerate 1.x):
   reduction="sum": gacc then sums what accelerator.backward gives, as stock Accelerate does, in fp32.
 - It attaches to the prepared model (the DDP wrapper under multi-GPU) and the torch optimizer inside
   the AcceleratedOptimizer, with Accelerate's GradScaler for fp16.
+- attach(..., grad_stats=True): each `accelerator.log(values)` also sends the last window's gradient
+  noise scale to the trackers (gacc/b_simple, gacc/b_simple_ema, gacc/g2, gacc/trace; see
+  gacc_kernels.stats).
 - `accelerator.clip_grad_norm_` over the model's parameters becomes gacc's fp32 clip of p.grad and
   p.main_grad together, with the norm from the fused pass (else a bf16 p.grad clipped in place would
   have to be copied back into p.main_grad).
@@ -58,6 +61,12 @@ def attach(accelerator, model: torch.nn.Module, optimizer, reduction: str = "mea
     acc = attach_core(model, unwrap_optimizer(optimizer), steps=k, scaler=accelerator.scaler,
                       reduction=reduction, window_end=lambda: accelerator.sync_gradients, **kwargs)
     clip_through(acc, accelerator)
+    if kwargs.get("grad_stats"):
+        original = accelerator.log
+
+        def log(values, *args, **log_kwargs):
+            return original({**values, **acc.stats().metrics()}, *args, **log_kwargs)
+        acc.set_while_attached(accelerator, "log", log)
     return acc
 
 

@@ -13,6 +13,9 @@ What the callback translates (Lightning 2.x, automatic optimization):
   and Lightning's gradient clipping.
 - With precision="16-mixed", Lightning's GradScaler is handed to gacc (unscale and inf check fused).
 - Clipping by norm (`gradient_clip_val`) is gacc's fp32 clip of p.grad and p.main_grad together.
+- `GaccCallback(grad_stats=True)`: at each optimizer step the window's gradient noise scale goes to
+  the module's logger through `pl_module.log_dict` (gacc/b_simple, gacc/b_simple_ema, gacc/g2,
+  gacc/trace; see gacc_kernels.stats).
 - The window in progress is saved with the checkpoint (the callback's state) and restored at fit start.
 Refused: manual optimization, several optimizers, strategies that accumulate themselves (DeepSpeed),
 and a checkpoint taken mid-window on more than one process (each rank's partial sums differ).
@@ -29,8 +32,8 @@ from ..attaching import attach
 
 
 class GaccCallback(pl.Callback):
-    def __init__(self, bucket_bytes: int = 128 << 20):
-        self.bucket_bytes = bucket_bytes
+    def __init__(self, bucket_bytes: int = 128 << 20, grad_stats: bool = False):
+        self.bucket_bytes, self.grad_stats = bucket_bytes, grad_stats
         self.acc: GradAccumulator | None = None
         self._restore: dict[str, Any] | None = None  # a checkpoint's window, loaded before fit start
 
@@ -47,7 +50,7 @@ class GaccCallback(pl.Callback):
         k = trainer.accumulate_grad_batches
         acc = self.acc = attach(trainer.strategy.model, trainer.optimizers[0], steps=k,
                                 scaler=getattr(trainer.precision_plugin, "scaler", None), loss_scale=1.0 / k,
-                                bucket_bytes=self.bucket_bytes, reduction="mean")
+                                bucket_bytes=self.bucket_bytes, reduction="mean", grad_stats=self.grad_stats)
         precision = trainer.precision_plugin
         original = precision.clip_grad_by_norm
 
@@ -86,6 +89,8 @@ class GaccCallback(pl.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         self.acc.finish_window()  # a no-op after on_after_backward; covers a step Lightning forces
+        if self.grad_stats:
+            pl_module.log_dict(self.acc.stats().metrics(), on_step=True, on_epoch=False)
 
     def state_dict(self) -> dict[str, Any]:
         if self.acc is None:

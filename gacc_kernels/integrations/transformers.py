@@ -15,6 +15,9 @@ What it translates (transformers 5.x):
 - The Trainer saves checkpoints only at optimizer steps, so there is no window state to save.
 - Under DDP gacc takes over the reducer's job on the DDP wrapper (`trainer.model_wrapped`, which only
   the trainer knows) and averages the ranks, as DDP does (the Trainer's losses are scaled for that).
+- `GaccCallback(trainer, grad_stats=True)`: each training log (the Trainer's `logs`, so its
+  log_history and every reporting integration) also holds the last window's gradient noise scale
+  (gacc/b_simple, gacc/b_simple_ema, gacc/g2, gacc/trace; see gacc_kernels.stats).
 Refused: FSDP and DeepSpeed; DDP without the trainer given to the callback.
 """
 from __future__ import annotations
@@ -29,8 +32,11 @@ from .accelerate import clip_through, unwrap_optimizer
 
 
 class GaccCallback(TrainerCallback):
-    def __init__(self, trainer=None, bucket_bytes: int = 128 << 20):
-        self.trainer, self.bucket_bytes = trainer, bucket_bytes
+    def __init__(self, trainer=None, bucket_bytes: int = 128 << 20, grad_stats: bool = False):
+        if grad_stats and trainer is None:
+            raise ValueError("grad_stats=True needs the trainer, whose logs it adds to: "
+                             "trainer.add_callback(GaccCallback(trainer, grad_stats=True))")
+        self.trainer, self.bucket_bytes, self.grad_stats = trainer, bucket_bytes, grad_stats
         self.acc: GradAccumulator | None = None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -48,9 +54,24 @@ class GaccCallback(TrainerCallback):
         sync = GradientState()  # shared state: the Trainer sets sync_gradients before each micro-step
         self.acc = attach(model, unwrap_optimizer(optimizer), steps=args.gradient_accumulation_steps,
                           scaler=getattr(optimizer, "scaler", None), reduction="sum",
-                          window_end=lambda: sync.sync_gradients, bucket_bytes=self.bucket_bytes)
+                          window_end=lambda: sync.sync_gradients, bucket_bytes=self.bucket_bytes,
+                          grad_stats=self.grad_stats)
         if self.trainer is not None:
             clip_through(self.acc, self.trainer.accelerator)
+        if self.grad_stats:
+            self._log_stats(self.acc, self.trainer)
+
+    @staticmethod
+    def _log_stats(acc: GradAccumulator, trainer) -> None:
+        """trainer.log adds the noise scale to each training log (the ones with the loss), before the
+        Trainer records it and hands it to the reporting callbacks."""
+        original = trainer.log
+
+        def log(logs, *args, **kwargs):
+            if "loss" in logs:
+                logs.update(acc.stats().metrics())
+            return original(logs, *args, **kwargs)
+        acc.set_while_attached(trainer, "log", log)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.acc is not None:

@@ -81,10 +81,12 @@ def accumulate_(out: torch.Tensor, grad: torch.Tensor, weight: float = 1.0, stor
 
 
 def accumulate_many_(
-    buf: torch.Tensor, grads: list[torch.Tensor], offsets: list[int], store: list[bool], weight: float = 1.0
+    buf: torch.Tensor, grads: list[torch.Tensor], offsets: list[int], store: list[bool], weight: float = 1.0,
+    stat_partials: torch.Tensor | None = None,
 ) -> None:
-    """accumulate_ of each grads[i] into buf[offsets[i]:], in one launch; all grads of one dtype."""
-    choose("accumulate_many_", buf.device.type).impl(buf, grads, offsets, store, weight)
+    """accumulate_ of each grads[i] into buf[offsets[i]:], in one launch; all grads of one dtype.
+    stat_partials: also each chunk's sum(w * g^2) (reference.py's docstring)."""
+    choose("accumulate_many_", buf.device.type).impl(buf, grads, offsets, store, weight, stat_partials)
 
 
 def finalize_(
@@ -106,12 +108,13 @@ def scale_(buf: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = No
 def accumulate_finalize_(
     buf: torch.Tensor, grads: list[torch.Tensor], offsets: list[int], store: list[bool], weight: float,
     scale: torch.Tensor, found_inf: torch.Tensor, norm_partials: torch.Tensor, write_grads: bool = False,
+    stat_partials: torch.Tensor | None = None,
 ) -> None:
     """accumulate_many_ then finalize_ of what it wrote, in one pass (the last micro-step); offsets are
     multiples of reference.CHUNK, with one norm partial per CHUNK elements; write_grads casts the
-    result back over each grad."""
+    result back over each grad; stat_partials as in accumulate_many_."""
     choose("accumulate_finalize_", buf.device.type).impl(
-        buf, grads, offsets, store, weight, scale, found_inf, norm_partials, write_grads)
+        buf, grads, offsets, store, weight, scale, found_inf, norm_partials, write_grads, stat_partials)
 
 
 def report() -> str:

@@ -7,6 +7,11 @@ Every op works in fp32 with one rounding per arithmetic step, in this order (no 
     scale:       v = buf * s;  buf = v;  out = cast(v)
     accumulate_finalize (the last micro-step): accumulate, then finalize what it wrote, with one
                  norm partial per CHUNK elements of each grad; the cast goes back over the grad
+    stat_partials (optional, accumulate_many and accumulate_finalize; offsets are multiples of CHUNK):
+                 chunk c of grads[i] makes stat_partials[offsets[i] // CHUNK + c] =
+                 (store ? 0 : itself) + sum(t * fp32(g)) over the chunk, i.e. sum(w * g^2), the
+                 micro-step's weighted squared norm (stats.py). A statistic, not a result: the sum is
+                 taken in fp32 or better, in any order. None: nothing else changes, bit for bit.
 Buffers are fp32 and contiguous; grads are fp32, bf16 or fp16 and contiguous; `s` is a
 1-element fp32 tensor on the buffer's device, so no host sync is needed to read it.
 """
@@ -37,11 +42,28 @@ def accumulate_ref(out: torch.Tensor, grad: torch.Tensor, weight: float, store: 
 
 
 def accumulate_many_ref(
-    buf: torch.Tensor, grads: list[torch.Tensor], offsets: list[int], store: list[bool], weight: float
+    buf: torch.Tensor, grads: list[torch.Tensor], offsets: list[int], store: list[bool], weight: float,
+    stat_partials: torch.Tensor | None = None,
 ) -> None:
     """accumulate_ref of each grads[i] into buf[offsets[i] : offsets[i] + grads[i].numel()]."""
     for g, off, st in zip(grads, offsets, store):
         accumulate_ref(buf[off : off + g.numel()], g, weight, st)
+        if stat_partials is not None:
+            _stat_ref(stat_partials, g, off, weight, st)
+
+
+def _stat_ref(stat_partials: torch.Tensor, g: torch.Tensor, off: int, weight: float, store: bool) -> None:
+    """One grad's chunks of stat_partials: (store ? 0 : itself) + sum(t * fp32(g)) per chunk."""
+    if off % CHUNK:
+        raise ValueError(f"stat_partials: offset {off} is not a multiple of {CHUNK}")
+    n = g.numel()
+    chunks = -(-n // CHUNK)
+    flat = g.reshape(-1).float()
+    products = torch.zeros(chunks * CHUNK, dtype=torch.float64, device=g.device)
+    products[:n] = flat * torch.tensor(weight, dtype=torch.float32) * flat
+    sums = products.view(chunks, CHUNK).sum(1).float()
+    target = stat_partials[off // CHUNK: off // CHUNK + chunks]
+    target.copy_(sums if store else target + sums)
 
 
 def finalize_ref(
@@ -64,6 +86,7 @@ def finalize_ref(
 def accumulate_finalize_ref(
     buf: torch.Tensor, grads: list[torch.Tensor], offsets: list[int], store: list[bool], weight: float,
     scale: torch.Tensor, found_inf: torch.Tensor, norm_partials: torch.Tensor, write_grads: bool = False,
+    stat_partials: torch.Tensor | None = None,
 ) -> None:
     """accumulate_many_ and finalize_ in one pass over each grads[i]'s range of buf (the last micro-step).
 
@@ -75,6 +98,8 @@ def accumulate_finalize_ref(
             raise ValueError(f"accumulate_finalize_: offset {off} is not a multiple of {CHUNK}")
         n = g.numel()
         region = buf[off: off + n]
+        if stat_partials is not None:
+            _stat_ref(stat_partials, g, off, weight, st)
         accumulate_ref(region, g, weight, st)
         region.mul_(scale.float().reshape(()))
         if not torch.isfinite(region).all():

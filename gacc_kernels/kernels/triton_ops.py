@@ -14,6 +14,7 @@ import triton.language as tl
 from .reference import CHUNK, GRAD_DTYPES, OUT_DTYPES
 
 BLOCK = 1024  # with 8 warps: 98-101% of a copy on an H100 (bench/NOTES.md)
+assert BLOCK == CHUNK, "_accumulate_many_kernel's stat partials are one per tile"
 NUM_WARPS = 8
 # The interpreter's fp32 -> bf16 cast truncates; compiled Triton rounds to nearest even.
 _ROUND_BF16_BY_HAND = os.environ.get("TRITON_INTERPRET") == "1"
@@ -34,32 +35,41 @@ def _accumulate_kernel(out_ptr, grad_ptr, n, weight, STORE: tl.constexpr, BLOCK:
 
 
 @triton.jit(do_not_specialize=["weight"])
-def _accumulate_many_kernel(buf_ptr, table_ptr, weight, GRAD_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+def _accumulate_many_kernel(buf_ptr, table_ptr, weight, stat_ptr, GRAD_DTYPE: tl.constexpr, STATS: tl.constexpr,
+                            BLOCK: tl.constexpr):
     """For tensor t = program_id(1), with table[t] = (grad address, buffer offset, numel, store):
-    buf[offset + i] = (store ? 0 : buf[offset + i]) + fp32(weight) * fp32(grad[i]), grid-strided on axis 0."""
+    buf[offset + i] = (store ? 0 : buf[offset + i]) + fp32(weight) * fp32(grad[i]), grid-strided on axis 0.
+    STATS (BLOCK == CHUNK): stat[offset / BLOCK + tile] = (store ? 0 : itself) + sum(t * g) per tile."""
     row = table_ptr + tl.program_id(1).to(tl.int64) * 4
     grad_ptr = tl.load(row).to(tl.pointer_type(GRAD_DTYPE))
-    out_ptr = buf_ptr + tl.load(row + 1)
+    offset = tl.load(row + 1)
+    out_ptr = buf_ptr + offset
     n = tl.load(row + 2)
     keep = tl.load(row + 3) == 0  # accumulate (1 = store)
     step = tl.num_programs(0).to(tl.int64) * BLOCK
     for start in range(tl.program_id(0).to(tl.int64) * BLOCK, n, step):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < n
-        t = tl.load(grad_ptr + offs, mask=mask).to(tl.float32) * weight
+        g = tl.load(grad_ptr + offs, mask=mask).to(tl.float32)
+        t = g * weight
         # -0.0 is the identity of addition, so a store writes t bit for bit (and reads nothing).
         prev = tl.load(out_ptr + offs, mask=mask & keep, other=-0.0)
         tl.store(out_ptr + offs, prev + t, mask=mask)
+        if STATS:
+            at = stat_ptr + offset // BLOCK + start // BLOCK
+            tl.store(at, tl.load(at, mask=keep, other=0.0) + tl.sum(tl.where(mask, t * g, 0.0), axis=0))
 
 
 @triton.jit
 def _accumulate_finalize_kernel(
-    buf_ptr, table_ptr, weight, scale_ptr, found_inf_ptr, partials_ptr,
-    GRAD_DTYPE: tl.constexpr, WRITE_GRADS: tl.constexpr, BF16_BY_HAND: tl.constexpr, CHUNK: tl.constexpr,
+    buf_ptr, table_ptr, weight, scale_ptr, found_inf_ptr, partials_ptr, stat_ptr,
+    GRAD_DTYPE: tl.constexpr, WRITE_GRADS: tl.constexpr, STATS: tl.constexpr, BF16_BY_HAND: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
     """The last micro-step: chunk c = program_id(0) of tensor t = program_id(1) (table as above):
     v = ((store ? 0 : buf) + fp32(weight) * fp32(grad)) * scale; buf = v; grad = cast(v) (WRITE_GRADS);
-    found_inf = 1 if any v is not finite; partials[offset / CHUNK + c] = sum(v * v)."""
+    found_inf = 1 if any v is not finite; partials[offset / CHUNK + c] = sum(v * v); STATS: as in
+    _accumulate_many_kernel."""
     row = table_ptr + tl.program_id(1).to(tl.int64) * 4
     grad_ptr = tl.load(row).to(tl.pointer_type(GRAD_DTYPE))
     offset = tl.load(row + 1)
@@ -68,7 +78,8 @@ def _accumulate_finalize_kernel(
     chunk = tl.program_id(0).to(tl.int64)
     offs = chunk * CHUNK + tl.arange(0, CHUNK)
     mask = offs < n
-    t = tl.load(grad_ptr + offs, mask=mask).to(tl.float32) * weight
+    g = tl.load(grad_ptr + offs, mask=mask).to(tl.float32)
+    t = g * weight
     prev = tl.load(buf_ptr + offset + offs, mask=mask & keep, other=-0.0)
     v = (prev + t) * tl.load(scale_ptr)
     tl.store(buf_ptr + offset + offs, v, mask=mask)
@@ -76,6 +87,10 @@ def _accumulate_finalize_kernel(
         tl.store(grad_ptr + offs, _cast(v, GRAD_DTYPE, BF16_BY_HAND), mask=mask)
     tl.store(partials_ptr + offset // CHUNK + chunk, tl.sum(tl.where(mask, v * v, 0.0), axis=0),
              mask=chunk * CHUNK < n)
+    if STATS:
+        at = stat_ptr + offset // CHUNK + chunk
+        tl.store(at, tl.load(at, mask=keep, other=0.0) + tl.sum(tl.where(mask, t * g, 0.0), axis=0),
+                 mask=chunk * CHUNK < n)
     bad = mask & ~(tl.abs(v) < float("inf"))
     tl.store(found_inf_ptr, 1.0, mask=tl.max(bad.to(tl.int32), axis=0) > 0)
 
@@ -160,35 +175,51 @@ def _grad_table(name: str, buf: torch.Tensor, grads, offsets, store) -> tuple[to
     return torch.tensor(rows, dtype=torch.int64, device=buf.device), max(r[2] for r in rows)
 
 
+def _check_partials(name: str, stat_partials: torch.Tensor | None, buf: torch.Tensor, grads,
+                         offsets, what: str = "stat_partials") -> None:
+    """Offsets on CHUNK boundaries and one fp32 partial per CHUNK elements (norm or stat partials)."""
+    if stat_partials is None:
+        return
+    _check_flat(name, stat_partials, (torch.float32,), what)
+    if stat_partials.device != buf.device:
+        raise ValueError(f"{name}: {what} must be on {buf.device}")
+    for g, off in zip(grads, offsets):
+        if off % CHUNK or off // CHUNK + triton.cdiv(g.numel(), CHUNK) > stat_partials.numel():
+            raise ValueError(f"{name}: offsets must be multiples of {CHUNK} and {what} "
+                             f"needs one element per {CHUNK} elements of buf")
+
+
 def accumulate_many_(
-    buf: torch.Tensor, grads: list[torch.Tensor], offsets: list[int], store: list[bool], weight: float
+    buf: torch.Tensor, grads: list[torch.Tensor], offsets: list[int], store: list[bool], weight: float,
+    stat_partials: torch.Tensor | None = None,
 ) -> None:
     if not grads:
         return
     table, most = _grad_table("accumulate_many_", buf, grads, offsets, store)
+    _check_partials("accumulate_many_", stat_partials, buf, grads, offsets)
     if most:
         _accumulate_many_kernel[(triton.cdiv(most, BLOCK), len(grads))](
-            buf, table, float(weight), GRAD_DTYPE=_TL_DTYPE[grads[0].dtype], BLOCK=BLOCK,
-            num_warps=NUM_WARPS, enable_fp_fusion=False)
+            buf, table, float(weight), stat_partials, GRAD_DTYPE=_TL_DTYPE[grads[0].dtype],
+            STATS=stat_partials is not None, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
 
 
 def accumulate_finalize_(
     buf: torch.Tensor, grads: list[torch.Tensor], offsets: list[int], store: list[bool], weight: float,
     scale: torch.Tensor, found_inf: torch.Tensor, norm_partials: torch.Tensor, write_grads: bool = False,
+    stat_partials: torch.Tensor | None = None,
 ) -> None:
     if not grads:
         return
     table, most = _grad_table("accumulate_finalize_", buf, grads, offsets, store)
     _check_scalar("accumulate_finalize_", scale, buf)
-    for g, off in zip(grads, offsets):
-        if off % CHUNK or off // CHUNK + triton.cdiv(g.numel(), CHUNK) > norm_partials.numel():
-            raise ValueError(f"accumulate_finalize_: offsets must be multiples of {CHUNK} and norm_partials "
-                             f"needs one element per {CHUNK} elements of buf")
+    _check_partials("accumulate_finalize_", norm_partials, buf, grads, offsets, "norm_partials")
+    _check_partials("accumulate_finalize_", stat_partials, buf, grads, offsets)
     if most:
         _accumulate_finalize_kernel[(triton.cdiv(most, CHUNK), len(grads))](
-            buf, table, float(weight), scale, found_inf, norm_partials,
+            buf, table, float(weight), scale, found_inf, norm_partials, stat_partials,
             GRAD_DTYPE=_TL_DTYPE[grads[0].dtype], WRITE_GRADS=bool(write_grads),
-            BF16_BY_HAND=_ROUND_BF16_BY_HAND, CHUNK=CHUNK, num_warps=NUM_WARPS, enable_fp_fusion=False)
+            STATS=stat_partials is not None, BF16_BY_HAND=_ROUND_BF16_BY_HAND, CHUNK=CHUNK,
+            num_warps=NUM_WARPS, enable_fp_fusion=False)
 
 
 def _launch_scale(buf, scale, out, found_inf, norm_partials) -> None:

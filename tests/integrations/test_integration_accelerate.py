@@ -215,3 +215,49 @@ def test_accelerate_llama_bf16_autocast():
         assert err <= 2e-2 * scale, f"step {step}: gacc is {err} from the large-batch grads (largest {scale})"
     for p, q in zip(trained.parameters(), big.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-2, atol=1e-3)
+
+
+def test_grad_stats_go_to_the_trackers():
+    """attach(..., grad_stats=True): accelerator.log sends the last window's noise scale to every tracker."""
+    from accelerate.tracking import GeneralTracker
+
+    class Tracker(GeneralTracker):
+        name, requires_logging_directory = "recorder", False
+
+        def __init__(self):
+            super().__init__()
+            self.logged = []
+
+        @property
+        def tracker(self):
+            return self
+
+        def store_init_configuration(self, values):
+            pass
+
+        def log(self, values, step=None, **kwargs):
+            self.logged.append(dict(values))
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    tracker = Tracker()
+    accelerator = Accelerator(gradient_accumulation_steps=3, cpu=True, log_with=[tracker])
+    accelerator.init_trackers("gacc")
+    net = MLP()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    loader = torch.utils.data.DataLoader(dataset(), batch_size=MICRO, shuffle=False)
+    model, opt, loader = accelerator.prepare(net, opt, loader)
+    acc = gacc_accelerate.attach(accelerator, model, opt, grad_stats=True)
+    for x, y in loader:
+        with accelerator.accumulate(model):
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            accelerator.backward(loss)
+            opt.step()
+            opt.zero_grad()
+            if accelerator.sync_gradients:
+                accelerator.log({"loss": loss.item()})
+    acc.remove()
+    assert len(tracker.logged) == 4  # 10 micro-batches: windows of 3, 3, 3 and 1
+    for values in tracker.logged:
+        assert {"loss", "gacc/b_simple", "gacc/g2", "gacc/trace"} <= values.keys()
+    assert all(values["gacc/trace"] > 0 for values in tracker.logged[:3])

@@ -293,3 +293,37 @@ def assert_same_run_grads(a: Module, b: Module, rtol: float):
     for step, (ga, gb) in enumerate(zip(a.seen, b.seen)):
         for x, y in zip(ga, gb):
             torch.testing.assert_close(x, y, rtol=rtol, atol=rtol * y.abs().max().item(), msg=f"step {step}")
+
+
+class Recorder(pl.loggers.Logger):
+    """A logger that keeps what it is sent."""
+
+    def __init__(self):
+        super().__init__()
+        self.metrics: list[dict[str, float]] = []
+
+    @property
+    def name(self):
+        return "recorder"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_hyperparams(self, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.append(dict(metrics))
+
+
+def test_grad_stats_go_to_the_logger():
+    """GaccCallback(grad_stats=True): the noise scale of each window reaches the module's logger."""
+    recorder = Recorder()
+    trainer = pl.Trainer(max_epochs=1, accumulate_grad_batches=3, callbacks=[GaccCallback(grad_stats=True)],
+                         logger=recorder, log_every_n_steps=1, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
+    trainer.fit(Module(MLP()), torch.utils.data.DataLoader(micro_batches(), batch_size=None, shuffle=False))
+    logged = [m for m in recorder.metrics if "gacc/b_simple" in m]
+    assert len(logged) == 4  # 10 micro-batches: windows of 3, 3, 3 and 1
+    assert all(m["gacc/trace"] > 0 for m in logged[:3])

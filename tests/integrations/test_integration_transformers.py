@@ -116,3 +116,24 @@ def test_trainer_bf16_autocast(tmp_path):
     for a, b in zip(seen, seen_big):
         err = max((x - y).abs().max().item() for x, y in zip(a, b))
         assert err <= 2e-2 * max(y.abs().max().item() for y in b)
+
+
+def test_grad_stats_go_into_the_trainers_logs(tmp_path):
+    """GaccCallback(trainer, grad_stats=True): each training log, as recorded in log_history (and handed to
+    the reporting callbacks), holds the last window's noise scale, and training is unchanged."""
+    model = tiny_llama()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=3,
+        num_train_epochs=1, learning_rate=1e-3, save_strategy="no", report_to=[], use_cpu=True, seed=11,
+        logging_steps=1, disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Sequences())
+    callback = GaccCallback(trainer, grad_stats=True)
+    trainer.add_callback(callback)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2  # 5 micro-batches: a window of 3, then a short one of 2
+    for entry in logs:
+        assert {"gacc/b_simple", "gacc/b_simple_ema", "gacc/g2", "gacc/trace"} <= entry.keys()
+        assert entry["gacc/trace"] > 0
+    with pytest.raises(ValueError, match="needs the trainer"):
+        GaccCallback(grad_stats=True)
