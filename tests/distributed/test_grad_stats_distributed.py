@@ -1,6 +1,7 @@
-"""attach(grad_stats=True) on two gloo ranks: DDP (each rank's micro-batches are micro-batches of the
-window, per-rank token weights, loss_scale, an early step) and FSDP2 (the ranks' micro-batch together is
-one), against the float64 reference computed from every rank's micro-grads."""
+"""attach(grad_stats=True) on two gloo ranks: DDP and FSDP2 with gradient sync off (each rank's
+micro-batches are micro-batches of the window, per-rank token weights, loss_scale, an early step) and FSDP2
+with sync on (the ranks' micro-batch together is one), against the float64 reference computed from every
+rank's micro-grads."""
 import copy
 
 import torch
@@ -34,7 +35,7 @@ def estimate(model, x, y):
     return flat(torch.autograd.grad(F.mse_loss(model(x), y), params))
 
 
-def _train(rank, path, results, sharded):
+def _train(rank, path, results, sharded, no_sync=False):
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=WORLD)
     model = net()
     plain = copy.deepcopy(model)  # the reference's model: the same parameters, before any step
@@ -53,7 +54,9 @@ def _train(rank, path, results, sharded):
     out = []
     for index, micro_steps in enumerate(WINDOWS):
         for i, (x, y) in enumerate(data_of(rank, index)[:micro_steps]):
-            acc.set_weight(weight_of(rank, i, per_rank=not sharded))
+            if no_sync:
+                model.set_requires_gradient_sync(i == micro_steps - 1)
+            acc.set_weight(weight_of(rank, i, per_rank=not sharded or no_sync))
             (F.mse_loss(model(x), y) * LS).backward()
         opt.step()
         opt.zero_grad()
@@ -64,6 +67,7 @@ def _train(rank, path, results, sharded):
 
 
 def _expected(params, sharded):
+    """sharded: FSDP2 with gradient sync on (FSDP sums the ranks' grads before gacc sees them)."""
     """Per window: every rank's micro-batch estimates, from the model before the first step (the
     second window's are from the parameters after it, recomputed here from stock SGD on the float64 mean)."""
     model = net()
@@ -91,11 +95,11 @@ def _expected(params, sharded):
     return expected
 
 
-def _check(tmp_path, sharded):
+def _check(tmp_path, sharded, no_sync=False):
     results = str(tmp_path / "stats")
-    spawn(_train, WORLD, str(tmp_path / "store"), results, sharded)
+    spawn(_train, WORLD, str(tmp_path / "store"), results, sharded, no_sync)
     ranks = [torch.load(f"{results}.{r}", weights_only=False) for r in range(WORLD)]
-    expected = _expected(ranks[0]["params"], sharded)
+    expected = _expected(ranks[0]["params"], sharded and not no_sync)
     for got in ranks:
         for stats, exp in zip(got["stats"], expected):
             assert_stats(stats, *exp, rtol=1e-3)
@@ -109,3 +113,8 @@ def test_ddp_two_ranks(tmp_path):
 
 def test_fsdp2_two_ranks(tmp_path):
     _check(tmp_path, sharded=True)
+
+
+def test_fsdp2_no_sync_two_ranks(tmp_path):
+    """Sync off: gacc sees each rank's unsharded grads, so each rank's micro-batch counts, as under DDP."""
+    _check(tmp_path, sharded=True, no_sync=True)
