@@ -62,11 +62,12 @@ class ShardedReducer(LocalReducer):
 
     Sync off (`set_requires_gradient_sync(False)`, the no-sync mode of Accelerate, the HF Trainer and
     Fabric): gacc takes each micro-step's unsharded grad from FSDP's unsharded parameter before FSDP sees
-    it, and adds it, weighted, into an fp32 buffer of `shards` copies of the sharded layout (copy r holds
-    rank r's rows of every parameter: 4 bytes per parameter, allocated at the window's first grad and
-    freed at its end). FSDP finds no grad and reduces nothing. At the window's end (its K-th micro-step,
-    or the loop turning sync back on) one fp32 reduce-scatter lands the ranks' sums in the sharded
-    buffer. Each rank's micro-steps may carry their own weights here: they are applied before the sum.
+    it, and adds it, weighted, into fp32 sums laid out per bucket of the sharded buffer as `shards` rows
+    (row r holds rank r's rows of the bucket's parameters: 4 bytes per parameter, allocated at the
+    bucket's first grad in the window). FSDP finds no grad and reduces nothing. At the window's end (its
+    K-th micro-step, or the loop turning sync back on) one fp32 reduce-scatter per bucket lands the ranks'
+    sums in the sharded buffer, and frees them. Each rank's micro-steps may carry their own weights here:
+    they are applied before the sum.
     """
     fuses_last_pass = False
 
@@ -99,8 +100,11 @@ class ShardedReducer(LocalReducer):
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)
         self.no_sync = False  # this window's grads come unsharded, to gacc
-        self.unsharded: torch.Tensor | None = None  # (shards, buffer length) fp32, in a no-sync window
-        self.unsharded_stats: torch.Tensor | None = None  # its stat partials, with grad_stats (stats.py)
+        # In a no-sync window, per bucket of the sharded buffer: the (shards, bucket length) fp32 sums, row r
+        # rank r's rows of the bucket's parameters, and their stat partials (with grad_stats, stats.py).
+        # A bucket's are allocated at its first grad and freed after its reduce-scatter.
+        self.unsharded: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.bucket_of = {id(s): i for i, b in enumerate(buffer.buckets) for s in b.slots}
         self.cuts = {id(s): _cut(s.param) for s in buffer.slots}  # how each whole grad splits into shards
         self.hooked: set[int] = set()  # FSDP parameters whose unsharded parameter gacc has hooked
 
@@ -149,17 +153,22 @@ class ShardedReducer(LocalReducer):
     def accumulate_unsharded(self, slot: Slot, grad: torch.Tensor, store: bool, weight: float) -> None:
         """Add a micro-step's whole grad, weighted, into every rank's copy of the slot (store: the window's
         first grad of it)."""
-        if self.unsharded is None:
-            self.unsharded = torch.zeros(self.shards, self.buffer.buf.numel(), device=self.buffer.device)
-            if self.buffer.stat_partials is not None:
-                self.unsharded_stats = self.buffer.stat_partials.new_zeros(self.shards, self.buffer.partials.numel())
+        index = self.bucket_of[id(slot)]
+        if index not in self.unsharded:
+            bucket, device = self.buffer.buckets[index], self.buffer.device
+            length = bucket.end - bucket.begin
+            stats = (None if self.buffer.stat_partials is None
+                     else torch.zeros(self.shards, length // CHUNK, dtype=torch.float32, device=device))
+            self.unsharded[index] = torch.zeros(self.shards, length, device=device), stats
+        sums, stats = self.unsharded[index]
+        begin = slot.start - self.buffer.buckets[index].begin
         dim, rows = self.cuts[id(slot)]
         size = grad.shape[dim]
         pieces = [grad.narrow(dim, r * rows, min(rows, size - r * rows)).contiguous().view(-1)
                   for r in range(self.shards) if r * rows < size]
-        offsets = [r * self.unsharded.shape[1] + slot.start for r in range(len(pieces))]
-        stats = None if self.unsharded_stats is None else self.unsharded_stats.view(-1)
-        ops.accumulate_many_(self.unsharded.view(-1), pieces, offsets, [store] * len(pieces), weight, stats)
+        offsets = [r * sums.shape[1] + begin for r in range(len(pieces))]
+        ops.accumulate_many_(sums.view(-1), pieces, offsets, [store] * len(pieces), weight,
+                             None if stats is None else stats.view(-1))
 
     # -- the window's end ----------------------------------------------------------------------------
 
@@ -183,25 +192,28 @@ class ShardedReducer(LocalReducer):
         return [bool(f) for f in got[2 * steps + 1:]], weight_sum * self.world
 
     def _finish_unsharded(self, buffer: DeviceBuffer, written: list[bool], weight_sum: float):
-        """One fp32 reduce-scatter of the window's sums into the sharded buffer (and, under HSDP, one
-        all-reduce of it over the replicas); the total weight and which slots any rank wrote, summed over
-        the ranks."""
-        unsharded, self.unsharded = self.unsharded, None
-        stats, self.unsharded_stats = self.unsharded_stats, None
-        if unsharded is None:
-            unsharded = torch.zeros(self.shards, buffer.buf.numel(), device=buffer.device)
-        for slot, wrote in zip(buffer.slots, written):
-            if not wrote:  # values of an earlier window (or discarded by zero_grad)
-                unsharded[:, slot.start: slot.start + slot.span].zero_()
-                if stats is not None:
-                    stats[:, slot.start // CHUNK: (slot.start + slot.span) // CHUNK].zero_()
-        if buffer.stat_partials is not None:  # this rank's sum(w g^2) over whole parameters, by chunk
-            buffer.stat_partials.copy_(stats.sum(0) if stats is not None else 0.0)
+        """One fp32 reduce-scatter per bucket of the window's sums into the sharded buffer, each freed after
+        it (and, under HSDP, one all-reduce of the buffer over the replicas); the total weight and which
+        slots any rank wrote, summed over the ranks."""
         count = len(self.window.weights)
         t = torch.tensor([count, weight_sum, *written], dtype=torch.float64, device=buffer.device)
         dist.all_reduce(t, group=self.group)
-        _REDUCE_SCATTER(buffer.buf, unsharded.view(-1), group=self.shard_group)
-        del unsharded
+        wrote = {id(s) for s, w in zip(buffer.slots, written) if w}
+        for index, bucket in enumerate(buffer.buckets):
+            sums, stats = self.unsharded.pop(index, (None, None))
+            if sums is None:
+                sums = torch.zeros(self.shards, bucket.end - bucket.begin, device=buffer.device)
+            for slot in bucket.slots:
+                if id(slot) not in wrote:  # values of an earlier window (or discarded by zero_grad)
+                    begin = slot.start - bucket.begin
+                    sums[:, begin: begin + slot.span].zero_()
+                    if stats is not None:
+                        stats[:, begin // CHUNK: (begin + slot.span) // CHUNK].zero_()
+            if buffer.stat_partials is not None:  # this rank's sum(w g^2) over whole parameters, by chunk
+                part = buffer.stat_partials[bucket.begin // CHUNK: bucket.end // CHUNK]
+                part.copy_(stats.sum(0)) if stats is not None else part.zero_()
+            _REDUCE_SCATTER(buffer.buf[bucket.begin: bucket.end], sums.view(-1), group=self.shard_group)
+            del sums, stats
         if self.replicas is not None:
             dist.all_reduce(buffer.buf, group=self.replicas)
         got = t.tolist()
@@ -222,7 +234,7 @@ class ShardedReducer(LocalReducer):
         """Sync on: the grads came summed over the ranks, so a micro-batch is the ranks' together; q and
         S_big are sums over the shards, the micro-steps and weights this rank's (the same on every rank),
         each micro-batch holding `world` times its weight in units. Sync off: q is this rank's, over whole
-        parameters (`unsharded_stats`), summed over every rank as under DDP; S_big over the shards."""
+        parameters (the unsharded sums' stat partials), summed over every rank as under DDP; S_big over the shards."""
         if self.no_sync:  # one collective over every rank; the replicas' equal S_big parts are divided out
             totals = local.clone()
             dist.all_reduce(totals, group=self.group)
@@ -233,20 +245,19 @@ class ShardedReducer(LocalReducer):
         return torch.cat([shards, local[2:4], local[2:3] * self.world])
 
     def abort(self):
-        self.unsharded = self.unsharded_stats = None
+        self.unsharded = {}
 
     # -- checkpoints ---------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
         return {"no_sync": self.no_sync,
-                "unsharded": None if self.unsharded is None else self.unsharded.clone(),
-                "unsharded_stats": None if self.unsharded_stats is None else self.unsharded_stats.clone()}
+                "unsharded": {i: tuple(None if t is None else t.clone() for t in pair)
+                              for i, pair in self.unsharded.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.no_sync = state.get("no_sync", False)
-        saved, stats = state.get("unsharded"), state.get("unsharded_stats")
-        self.unsharded = None if saved is None else saved.to(self.buffer.device, copy=True)
-        self.unsharded_stats = None if stats is None else stats.to(self.buffer.device, copy=True)
+        self.unsharded = {i: tuple(None if t is None else t.to(self.buffer.device, copy=True) for t in pair)
+                          for i, pair in state.get("unsharded", {}).items()}
 
 
 def check_private_state(groups) -> None:

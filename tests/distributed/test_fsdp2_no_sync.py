@@ -143,7 +143,7 @@ def _train(rank, results):
         micro(3, k, k == K - 1)
     step(3)
     out["params"] = [p.detach().full_tensor() for p in model.parameters()]
-    out["freed"] = acc._parts.events.reducer.unsharded is None  # private: the unsharded sums
+    out["freed"] = not acc._parts.events.reducer.unsharded  # private: the unsharded sums
     acc.remove()
     torch.save(out, f"{results}.{rank}")
     dist.destroy_process_group()

@@ -43,7 +43,7 @@ def _train(rank, net, results, fsdp2):
             with accelerator.accumulate(model):
                 accelerator.backward(torch.nn.functional.mse_loss(model(x), y))
                 if fsdp2 and not accelerator.sync_gradients:  # private: gacc holds the unsharded sums
-                    took.append(acc._parts.events.reducer.unsharded is not None)
+                    took.append(bool(acc._parts.events.reducer.unsharded))
                 if accelerator.sync_gradients:
                     seen.append([full(p.grad).detach().double().clone() for p in model.parameters()])
                 opt.step()
