@@ -10,8 +10,18 @@ micro-batches. Variants:
     fsdp2_stock         fully_shard per decoder layer and the root, fp32 sharded parameters,
                         MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32), FSDP's own accumulation:
                         a reduce-scatter on every micro-step (FSDP2's default; loss / K)
-    fsdp2_stock_nosync  the same with set_requires_gradient_sync(False) on the first K-1 micro-steps
-    gacc_fsdp2          fsdp2_stock + gacc attach() (gradient sync stays on: gacc refuses it off)
+    fsdp2_stock_nosync  the same with set_requires_gradient_sync(False) on the first K-1 micro-steps: FSDP adds
+                        the unsharded grads in fp32 (4 bytes per parameter) and reduce-scatters once
+    fsdp2_stock_nosync_bf16  the same with reduce_dtype=bf16 (Accelerate's and the HF Trainer's bf16 default):
+                        FSDP adds the unsharded grads in bf16
+    gacc_fsdp2          fsdp2_stock + gacc attach(), gradient sync on: FSDP reduce-scatters each micro-step,
+                        gacc adds the shards in fp32
+    gacc_fsdp2_nosync   gacc with set_requires_gradient_sync(False) on the first K-1 micro-steps: gacc adds the
+                        unsharded grads in fp32 and reduce-scatters each bucket once, in fp32
+    hsdp_stock          HSDP on a (2, N/2) mesh (N >= 4), sync on every micro-step: a reduce-scatter and an
+                        all-reduce each micro-step
+    hsdp_stock_no_ar    the same with set_requires_all_reduce(False) on the first K-1 micro-steps
+    gacc_hsdp_nosync    HSDP + gacc, sync off on the first K-1: one reduce-scatter and one all-reduce per window
 
 Models: --model e2e, a LlamaForCausalLM (random weights, eager attention: deterministic backward) as in
 bench_e2e.py; --model params, the Llama-3.2-1B parameter set of bench_hooks.py in 16 "layers" whose
@@ -43,7 +53,10 @@ from common import stamp, table, write_report
 
 K = 8
 VARIANTS = ["ddp_nosync", "gacc_ddp_fp32", "gacc_ddp_bf16", "gacc_group", "fsdp2_stock", "fsdp2_stock_nosync",
-            "gacc_fsdp2"]
+            "fsdp2_stock_nosync_bf16", "gacc_fsdp2", "gacc_fsdp2_nosync", "hsdp_stock", "hsdp_stock_no_ar",
+            "gacc_hsdp_nosync"]
+NO_SYNC = {"fsdp2_stock_nosync", "fsdp2_stock_nosync_bf16", "gacc_fsdp2_nosync", "gacc_hsdp_nosync"}
+LINKS_GBPS = (50, 400)  # the other link bandwidths of the model at the end of the report
 
 
 # -- models -------------------------------------------------------------------------------------------
@@ -152,14 +165,16 @@ def loss_of(inner, model, batch, scale):
 class Run:
     """One variant, built: model (wrapped), the unwrapped module, optimizer, accumulator or None."""
 
-    def __init__(self, variant, args, dev, mesh):
+    def __init__(self, variant, args, dev, mesh, mesh_2d):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         self.variant, self.acc = variant, None
-        fsdp = "fsdp2" in variant
+        fsdp = "fsdp2" in variant or "hsdp" in variant
         inner = build(args, dev, torch.float32 if fsdp else torch.bfloat16)
         if fsdp:
-            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            mesh = mesh_2d if "hsdp" in variant else mesh
+            reduce_dtype = torch.bfloat16 if variant.endswith("_bf16") else torch.float32
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce_dtype)
             for layer in decoder_layers(inner):
                 fully_shard(layer, mesh=mesh, mp_policy=mp)
             fully_shard(inner, mesh=mesh, mp_policy=mp)
@@ -176,7 +191,9 @@ class Run:
             torch.cuda.reset_peak_memory_stats(dev)
         self.opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the same cheap update for every variant
         if variant.startswith("gacc"):
-            kw = {"comm_dtype": torch.bfloat16} if variant == "gacc_ddp_bf16" else {}
+            kw = {"reduction": "mean"}  # the loss is not divided by K: gacc takes the mean (attach's default sums)
+            if variant == "gacc_ddp_bf16":
+                kw["comm_dtype"] = torch.bfloat16
             if variant == "gacc_group":
                 kw["process_group"] = dist.group.WORLD
             self.acc = gacc_kernels.attach(model, self.opt, steps=K, **kw)
@@ -186,8 +203,10 @@ class Run:
         ctx = contextlib.nullcontext()
         if self.variant == "ddp_nosync" and not last:
             ctx = self.model.no_sync()
-        elif self.variant == "fsdp2_stock_nosync":
+        elif self.variant in NO_SYNC:
             self.model.set_requires_gradient_sync(last)
+        elif self.variant == "hsdp_stock_no_ar":
+            self.model.set_requires_all_reduce(last)
         with ctx:
             loss_of(self.inner, self.model, batch, 1.0 if self.acc else 1.0 / K).backward()
 
@@ -295,6 +314,54 @@ def measure(run, data, reps, ref, dev):
 
 # -- report ---------------------------------------------------------------------------------------------
 
+def wire_bytes(variant: str, n: int, world: int) -> float:
+    """Bytes each rank sends per window (ring collectives: a reduce-scatter or all-gather sends (N-1)/N of
+    its input, an all-reduce twice that), gradients only (FSDP's parameter all-gathers are the same for
+    every FSDP variant and left out)."""
+    ring = (world - 1) / world
+    if variant == "ddp_nosync" or variant == "gacc_ddp_bf16":
+        return 2 * ring * 2 * n
+    if variant in ("gacc_ddp_fp32", "gacc_group"):
+        return 2 * ring * 4 * n
+    if variant in ("fsdp2_stock", "gacc_fsdp2"):
+        return K * ring * 4 * n
+    if variant in ("fsdp2_stock_nosync", "gacc_fsdp2_nosync"):
+        return ring * 4 * n
+    if variant == "fsdp2_stock_nosync_bf16":
+        return ring * 2 * n
+    shards, replicas = world // 2, 2
+    rs = (shards - 1) / shards * 4 * n
+    ar = 2 * (replicas - 1) / replicas * 4 * n / shards
+    return {"hsdp_stock": K * (rs + ar), "hsdp_stock_no_ar": K * rs + ar, "gacc_hsdp_nosync": rs + ar}[variant]
+
+
+def link_rate(dev, n: int) -> float:
+    """Bytes per second each rank sends, from one timed fp32 all-reduce of the model's size (at most 1 GiB):
+    a ring all-reduce sends 2 (N-1)/N of its input per rank."""
+    world = dist.get_world_size()
+    t = torch.ones(min(n, 2**28), device=dev)
+    dist.all_reduce(t)  # warm
+    ms = statistics.median(timed(lambda: dist.all_reduce(t)) for _ in range(3))
+    return 2 * (world - 1) / world * t.nbytes / (ms / 1e3) if world > 1 else float("inf")
+
+
+def link_model(variants, ms, exposed, n, world, rate) -> list[str]:
+    """Step time at other link bandwidths, from the measured overlap: the window's gradient bytes take
+    wire / rate on the measured link; the exposed ms (what the end of the window adds) is taken as that
+    share of it; at bandwidth B the same share of wire / B is exposed, the rest stays hidden."""
+    rows = []
+    for v in variants:
+        wire, ex = wire_bytes(v, n, world), statistics.median(exposed[v])
+        comm = wire / rate * 1e3 if rate != float("inf") else 0.0
+        share = min(1.0, max(0.0, ex / comm)) if comm else 0.0
+        rows.append([v, wire / 2**30, comm, share, ms[v], *(ms[v] + share * (wire / (bw * 1e9) * 1e3 - comm)
+                                                            for bw in LINKS_GBPS)])
+    return ["\n## Step time at other link bandwidths (a model)\n\n" + " ".join(link_model.__doc__.split())
+            + f" Measured link: {rate / 1e9:.1f} GB/s sent per rank (an fp32 all-reduce).\n",
+            table(["variant", "GiB sent per rank per window", "ms on the measured link", "exposed share",
+                   "ms / step (measured)", *(f"ms / step at {bw} GB/s" for bw in LINKS_GBPS)], rows)]
+
+
 def plot(out, rows, title):
     try:
         import matplotlib
@@ -353,8 +420,19 @@ def main() -> None:
         dist.init_process_group(args.backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh(dev.type, (world,))
+    mesh_2d = None
+    if any("hsdp" in v for v in variants):
+        if world < 4 or world % 2:
+            variants = [v for v in variants if "hsdp" not in v]
+            if rank == 0:
+                print(f"HSDP variants left out: they need an even world size >= 4, not {world}", flush=True)
+        else:
+            mesh_2d = init_device_mesh(dev.type, (2, world // 2), mesh_dim_names=("replicate", "shard"))
     data = make_data(args, dev, rank)
     ref = reference(args, dev, data, world)
+    count = torch.tensor([sum(p.numel() for p in ref.values())], device=dev)  # rank 0 keeps the reference
+    dist.broadcast(count, 0)
+    rate = link_rate(dev, int(count))
 
     times = {v: [] for v in variants}
     exposed = {v: [] for v in variants}
@@ -362,7 +440,7 @@ def main() -> None:
     errs = {}
     for rnd in range(args.rounds):  # variants interleaved, the order rotated each round
         for v in variants[rnd % len(variants):] + variants[:rnd % len(variants)]:
-            run = Run(v, args, dev, mesh)
+            run = Run(v, args, dev, mesh, mesh_2d)
             ts, ex, peak, err = measure(run, data, args.reps, ref if rnd == 0 else None, dev)
             run.close()
             del run
@@ -412,6 +490,7 @@ def main() -> None:
                "(bf16 under DDP, fp32 under FSDP2).\n"),
               table(["variant", "ms / step", "x ddp_nosync", "x fsdp2_stock", "exposed ms", "peak GiB",
                      "rel. L2 error", "max rel. error"], rows)]
+        md += link_model(variants, ms, exposed, n, world, rate)
         write_report(args.out, "dist.md", md)
         plot(args.out, rows, f"{what}, K={K}, {world} x {args.device}\n{stamp()}")
     dist.destroy_process_group()
