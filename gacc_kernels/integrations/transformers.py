@@ -15,10 +15,13 @@ What it translates (transformers 5.x):
 - The Trainer saves checkpoints only at optimizer steps, so there is no window state to save.
 - Under DDP gacc takes over the reducer's job on the DDP wrapper (`trainer.model_wrapped`, which only
   the trainer knows) and averages the ranks, as DDP does (the Trainer's losses are scaled for that).
+- Under FSDP2 (`fsdp_config={"fsdp_version": 2}`, the trainer given): the Trainer runs its non-final
+  micro-steps under Accelerate's no_sync, which turns FSDP's gradient sync off, and gacc sums the
+  unsharded grads in fp32 and reduce-scatters each window once (the core's FSDP2 no-sync mode).
 - `GaccCallback(trainer, grad_stats=True)`: each training log (the Trainer's `logs`, so its
   log_history and every reporting integration) also holds the last window's gradient noise scale
   (gacc/b_simple, gacc/b_simple_ema, gacc/g2, gacc/trace; see gacc_kernels.stats).
-Refused: FSDP and DeepSpeed; DDP without the trainer given to the callback.
+Refused: FSDP1 and DeepSpeed; DDP and FSDP2 without the trainer given to the callback.
 """
 from __future__ import annotations
 
@@ -40,10 +43,17 @@ class GaccCallback(TrainerCallback):
         self.acc: GradAccumulator | None = None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
-            raise RuntimeError("gacc does not run under FSDP or DeepSpeed, which accumulate or shard "
-                               "gradients themselves; train without GaccCallback")
-        if args.world_size > 1:
+        if getattr(args, "deepspeed", None):
+            raise RuntimeError("gacc does not run under DeepSpeed, which accumulates and reduces gradients "
+                               "itself; train without GaccCallback")
+        fsdp2 = self.trainer is not None and self.trainer.accelerator.is_fsdp2
+        if getattr(args, "fsdp", None) and not fsdp2:
+            raise RuntimeError("gacc does not run under FSDP1, which shards the grads before any hook of "
+                               "gacc's sees them: use FSDP2 (fsdp_config={'fsdp_version': 2}) with "
+                               "trainer.add_callback(GaccCallback(trainer))")
+        if fsdp2:  # the Trainer has sharded the model in place: model_wrapped is the FSDP2 module
+            model = self.trainer.model_wrapped
+        elif args.world_size > 1:
             if self.trainer is None:
                 raise RuntimeError("under DDP the callback needs the trainer, for its DDP-wrapped model: "
                                    "trainer.add_callback(GaccCallback(trainer))")
