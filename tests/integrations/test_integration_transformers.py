@@ -137,3 +137,15 @@ def test_grad_stats_go_into_the_trainers_logs(tmp_path):
         assert entry["gacc/trace"] > 0
     with pytest.raises(ValueError, match="needs the trainer"):
         GaccCallback(grad_stats=True)
+
+
+@pytest.mark.parametrize(("setting", "says"), [({"fsdp": "full_shard"}, "FSDP1"),
+                                               ({"deepspeed": "ds.json"}, "DeepSpeed")])
+def test_fsdp1_and_deepspeed_are_refused_at_train_begin(setting, says):
+    """FSDP1 (fsdp= without fsdp_version 2, or without the trainer to tell) and DeepSpeed: refused before
+    anything is attached, naming what to use."""
+    import types
+    args = types.SimpleNamespace(**{"deepspeed": None, "fsdp": None, "world_size": 1, **setting})
+    with pytest.raises(RuntimeError, match=says) as info:
+        GaccCallback().on_train_begin(args, None, None, model=torch.nn.Linear(2, 2))
+    assert "fsdp_version" in str(info.value) or says == "DeepSpeed"
