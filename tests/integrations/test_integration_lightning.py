@@ -327,3 +327,16 @@ def test_grad_stats_go_to_the_logger():
     logged = [m for m in recorder.metrics if "gacc/b_simple" in m]
     assert len(logged) == 4  # 10 micro-batches: windows of 3, 3, 3 and 1
     assert all(m["gacc/trace"] > 0 for m in logged[:3])
+
+
+@pytest.mark.parametrize("strategy", ["ModelParallelStrategy", "FSDPStrategy"])
+def test_fsdp_strategies_are_refused_naming_what_to_use(strategy):
+    import types
+
+    from lightning.pytorch import strategies
+    trainer = types.SimpleNamespace(strategy=object.__new__(getattr(strategies, strategy)),
+                                    optimizers=[torch.optim.SGD(MLP().parameters(), lr=0.1)])
+    module = types.SimpleNamespace(automatic_optimization=True)
+    with pytest.raises(RuntimeError, match=f"Lightning's {strategy}") as info:
+        GaccCallback()._attach(trainer, module)
+    assert "Fabric's ModelParallelStrategy" in str(info.value)
