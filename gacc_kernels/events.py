@@ -102,6 +102,13 @@ class Events:
             refuse_grad(slot, g)
         if g.dtype is not slot.bucket.dtype:
             self._refuse_dtype(slot, g)
+        if slot.sharded and self.reducer.takes_unsharded():
+            why = (f"FSDP2 reduced a grad of {self.guards.name(slot.param)} in a window where gacc takes the "
+                   "unsharded grads (gradient sync off): a grad reached FSDP past gacc's hook (an unsharded "
+                   "parameter FSDP made anew, or reduce_scatter_unused_params), so this window cannot be "
+                   "exact. Call optimizer.zero_grad() to discard it.")
+            self.window.break_(why)
+            raise RuntimeError(why)
         w = self.window
         if slot.is_repeat(w.micro) and self._second_grad(slot):
             self._add_apart(slot, g)
@@ -116,7 +123,7 @@ class Events:
         hands over this rank's shard after its reduce-scatter, through grad_ready)."""
         if not self.reducer.takes_unsharded():
             return False
-        if g.layout != torch.strided or g.shape != slot.param.shape:
+        if g.layout != torch.strided or g.shape != slot.param.shape or g.is_cuda != slot.buffer.is_cuda:
             refuse_grad(slot, g)
         w = self.window
         self.reducer.accumulate_unsharded(slot, g, slot.take(w.id, w.micro), w.weight)

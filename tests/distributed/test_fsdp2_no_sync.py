@@ -145,6 +145,19 @@ def _train(rank, results):
     out["params"] = [p.detach().full_tensor() for p in model.parameters()]
     out["freed"] = not acc._parts.events.reducer.unsharded  # private: the unsharded sums
     acc.remove()
+
+    # a grad that reaches FSDP past gacc's hooks in a no-sync window (here: the hooks taken away) is refused
+    model = sharded()
+    acc = gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=K)
+    model.set_requires_gradient_sync(False)
+    loss_of(model, rank, 4, 0, full_use).backward()
+    for hook in acc._parts.events.capture._unsharded_hooks:  # private: gacc's hooks on FSDP's parameters
+        hook.remove()
+    model.set_requires_gradient_sync(True)
+    try:
+        loss_of(model, rank, 4, 1, full_use).backward()
+    except RuntimeError as e:
+        out["past_the_hooks"] = str(e)
     torch.save(out, f"{results}.{rank}")
     dist.destroy_process_group()
 
@@ -225,3 +238,4 @@ def test_fsdp2_no_sync_against_float64(tmp_path):
         assert got["skipped"], "an inf on one rank skips the step on every rank"
         close(got["params"], [p.detach() for p in params], 1e-5, 1e-6, f"rank {rank}, parameters")
         assert got["freed"], "the unsharded sums are freed at the window's end"
+        assert "reduced a grad of" in got.get("past_the_hooks", ""), "a grad FSDP reduced behind gacc"
