@@ -16,6 +16,7 @@ from .distributed import ddp as ddp_
 from .distributed.allreduce import AllReduce
 from .distributed.fsdp2 import ShardedReducer, fsdp2_modules
 from .distributed.reducer import LocalReducer
+from .distributed.tp import TensorParallel, tp_mesh
 from .events import Events
 from .finalize import Finalizer
 from .layout import DeviceBuffer
@@ -53,6 +54,10 @@ def attach(model: torch.nn.Module, optimizer, steps: int, scaler=None,
         raise ValueError("process_group= with FSDP2: gacc reduces over the FSDP mesh; leave it out")
     if sharded and len(devices) != 1:
         raise ValueError("gacc with FSDP2 needs the parameters on one device per process")
+    tensor_parallel = None if sharded else tp_mesh(model)
+    if tensor_parallel is not None and (group is not None or len(devices) != 1 or grad_stats):
+        raise ValueError("gacc with tensor parallelism (DTensor parameters) supports one device per process, "
+                         "without DDP, process_group= or grad_stats")
 
     # -- the stages ---------------------------------------------------------------------------------
     window = Window(steps)
@@ -66,6 +71,8 @@ def attach(model: torch.nn.Module, optimizer, steps: int, scaler=None,
         # -- reduce: nothing, the ranks' all-reduce, or FSDP2's shards ------------------------------
         if sharded:
             reducer = ShardedReducer(model, window, buffers[0], undo)
+        elif tensor_parallel is not None:
+            reducer = TensorParallel(tensor_parallel, buffers[0])
         elif group is None:
             reducer = LocalReducer()
         else:

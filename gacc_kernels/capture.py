@@ -25,7 +25,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from . import fused_linear
-from .layout import Slot, local
+from .layout import Slot
 from .patch import plain_copies
 
 
@@ -171,8 +171,8 @@ class Capture:
         g = p.grad
         if g is None:
             return
-        if slot.sharded:  # FSDP2 hands over a DTensor of this rank's shard, after its reduce-scatter
-            g = local(g)
+        if slot.sharded:  # a DTensor: FSDP2's shard after its reduce-scatter, or a tensor-parallel grad
+            g = slot.local_grad(g)
         if self.task is None:  # a backward that did not pass through the model's outputs
             self._begin(accumulated=True)
         if self._armed is not None and slot in self.routes:  # a fused layer's weight, grad through autograd

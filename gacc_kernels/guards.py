@@ -67,9 +67,16 @@ def check_model(model: torch.nn.Module) -> None:
     sharded = [n for n, p in trainable if type(p).__name__ == "DTensor"]
     if not sharded:
         return
-    if not fsdp2_modules(model):
-        raise ValueError(f"gacc does not support DTensor parameters outside FSDP2 (tensor parallelism), "
-                         f"found {sharded[0]}; use fully_shard or DDP")
+    if not fsdp2_modules(model):  # tensor parallelism: one 1-D mesh, each parameter sharded or replicated
+        dtensors = [p for _, p in trainable if type(p).__name__ == "DTensor"]
+        if len({id(p.device_mesh) for p in dtensors}) != 1 or dtensors[0].device_mesh.ndim != 1:
+            raise ValueError(f"gacc supports DTensor parameters outside FSDP2 (tensor parallelism) on one 1-D "
+                             f"mesh only; {sharded[0]} is on another or a larger one")
+        placements = {type(pl).__name__ for p in dtensors for pl in p.placements}
+        if not placements <= {"Shard", "Replicate"}:
+            raise ValueError(f"gacc supports DTensor parameters that are sharded or replicated, found "
+                             f"{sorted(placements - {'Shard', 'Replicate'})[0]}")
+        return
     plain = [n for n, p in trainable if type(p).__name__ != "DTensor"]
     if plain:
         raise ValueError(f"under FSDP2 every trainable parameter must be sharded, but {plain[0]} is not "

@@ -117,6 +117,14 @@ class Slot:
         return DTensor.from_local(t, p.device_mesh, p.placements, run_check=False, shape=p.shape,
                                   stride=p.stride())
 
+    def local_grad(self, g: torch.Tensor) -> torch.Tensor:
+        """A DTensor grad as this rank's values of the slot, placed as its parameter: FSDP2's come so; a
+        tensor-parallel one can come Partial (SequenceParallel's replicated norms) and is reduced here, a
+        collective that every rank's hook makes in the same order."""
+        if tuple(g.placements) != tuple(self.param.placements):
+            g = g.redistribute(placements=self.param.placements)
+        return local(g)
+
     def flat(self, t: torch.Tensor, base: int = 0) -> torch.Tensor:
         """Its range of a flat tensor that starts at buffer index `base`."""
         return t[self.start - base: self.start - base + self.numel]

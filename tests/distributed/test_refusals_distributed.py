@@ -60,13 +60,15 @@ def test_fsdp2_with_tensor_parallelism_is_refused(one_process_group):
     refused(model, "tensor parallelism is not supported yet")
 
 
-def test_dtensor_parameters_outside_fsdp2_are_refused(one_process_group):
+def test_dtensor_parameters_on_a_2d_mesh_outside_fsdp2_are_refused(one_process_group):
+    """Tensor parallelism is supported on one 1-D mesh; a 2-D mesh without FSDP2 (TP x another dimension
+    gacc does not reduce over) is refused."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, distribute_tensor
     model = net()
-    mesh = init_device_mesh("cpu", (1,))
-    model[0].weight = torch.nn.Parameter(distribute_tensor(model[0].weight.detach(), mesh, [Replicate()]))
-    refused(model, "outside FSDP2")
+    mesh = init_device_mesh("cpu", (1, 1))
+    model[0].weight = torch.nn.Parameter(distribute_tensor(model[0].weight.detach(), mesh, [Replicate()] * 2))
+    refused(model, "one 1-D mesh only")
 
 
 def test_deepspeed_engine_is_refused():

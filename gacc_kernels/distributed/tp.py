@@ -1,0 +1,43 @@
+"""Tensor parallelism (parallelize_module on a 1-D mesh): every rank runs the same micro-steps on the same
+data and holds its shards of the DTensor parameters (and whole copies of the replicated ones), so there is
+nothing to sum; gacc accumulates each rank's local values. Only what spans the ranks is agreed: found_inf
+(a shard's inf is on one rank) and the norm, where a sharded parameter's squares are summed over the ranks
+and a replicated one's counted once."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..layout import DeviceBuffer
+from .reducer import LocalReducer
+
+
+def tp_mesh(model: torch.nn.Module):
+    """The device mesh of the model's DTensor parameters, or None."""
+    return next((p.device_mesh for p in model.parameters() if hasattr(p, "device_mesh")), None)
+
+
+def replicated(param) -> bool:
+    """Whole on every rank: a plain tensor, or a DTensor replicated over its mesh."""
+    return not hasattr(param, "placements") or all(pl.is_replicate() for pl in param.placements)
+
+
+class TensorParallel(LocalReducer):
+    fuses_last_pass = False  # found_inf is agreed after the last pass
+
+    def __init__(self, mesh, buffer: DeviceBuffer):
+        self.group, self.buffer = mesh.get_group(), buffer
+        self.copies = [s for s in buffer.slots if replicated(s.param)]
+
+    def after_finalize(self, buffers):
+        for buffer in buffers:
+            dist.all_reduce(buffer.found_inf, op=dist.ReduceOp.MAX, group=self.group)
+
+    def global_sq_norm(self, local):
+        whole = sum((s.partials().sum() for s in self.copies), torch.zeros((), device=local.device))
+        shards = local - whole
+        dist.all_reduce(shards, group=self.group)
+        return shards + whole
+
+    def stats_totals(self, local):
+        raise RuntimeError("grad_stats under tensor parallelism is not supported yet: attach without it")
