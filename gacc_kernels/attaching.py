@@ -71,6 +71,9 @@ def attach(model: torch.nn.Module, optimizer, steps: int, scaler=None,
         # -- reduce: nothing, the ranks' all-reduce, or FSDP2's shards ------------------------------
         if sharded:
             reducer = ShardedReducer(model, window, buffers[0], undo)
+            if reducer.tp and grad_stats:
+                raise ValueError("grad_stats under FSDP2 with tensor parallelism is not supported yet: attach "
+                                 "without it")
         elif tensor_parallel is not None:
             reducer = TensorParallel(tensor_parallel, buffers[0])
         elif group is None:

@@ -25,7 +25,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from . import fused_linear
-from .layout import Slot
+from .layout import Slot, local_placed
 from .patch import plain_copies
 
 
@@ -191,7 +191,7 @@ class Capture:
             return
         if self.task is None:
             self._begin(accumulated=True)
-        if self.sink.unsharded_grad(slot, g):
+        if self.sink.unsharded_grad(slot, local_placed(g, p)):  # a tp DTensor under FSDP2 x TP
             self.delivered = True
             p.grad = None  # FSDP finds no grad: it reduces nothing
 

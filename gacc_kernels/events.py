@@ -118,12 +118,13 @@ class Events:
             self._launched(slot.bucket)
 
     def unsharded_grad(self, slot: Slot, g: torch.Tensor) -> bool:
-        """An FSDP2 parameter's whole grad, before FSDP reduces it: True if the reducer takes it (gradient
+        """An FSDP2 parameter's whole grad (this rank's tp part under FSDP2 x TP), before FSDP reduces it:
+        True if the reducer takes it (gradient
         sync off: gacc sums the window and reduce-scatters it once), False if FSDP goes on (sync on: it
         hands over this rank's shard after its reduce-scatter, through grad_ready)."""
         if not self.reducer.takes_unsharded():
             return False
-        if g.layout != torch.strided or g.shape != slot.param.shape or g.is_cuda != slot.buffer.is_cuda:
+        if g.layout != torch.strided or g.dim() != slot.param.dim() or g.is_cuda != slot.buffer.is_cuda:
             refuse_grad(slot, g)
         w = self.window
         self.reducer.accumulate_unsharded(slot, g, slot.take(w.id, w.micro), w.weight)

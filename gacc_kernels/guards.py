@@ -82,11 +82,14 @@ def check_model(model: torch.nn.Module) -> None:
         raise ValueError(f"under FSDP2 every trainable parameter must be sharded, but {plain[0]} is not "
                          "(its grads would not be reduced over the ranks): call fully_shard on the root "
                          "module too")
+    # 1-D FSDP; HSDP (replicate, shard); FSDP over tensor parallelism (dp, tp), where FSDP shards the tp
+    # shards (_StridedShard where both split one dimension)
+    fsdp_tp = {(2, (dp, tp)) for dp in ("Shard", "_StridedShard") for tp in ("Shard", "Replicate")}
     meshes = {(p.device_mesh.ndim, tuple(type(pl).__name__ for pl in p.placements)) for _, p in trainable}
-    if not meshes <= {(1, ("Shard",)), (2, ("Replicate", "Shard"))}:
-        raise ValueError(f"gacc supports FSDP2 on a 1-D mesh and HSDP on a (replicate, shard) mesh; found "
-                         f"DTensor parameters placed as {sorted(meshes)[0][1]} (tensor parallelism is not "
-                         "supported yet: use FSDP2 or HSDP without it)")
+    if not (meshes <= {(1, ("Shard",)), (2, ("Replicate", "Shard"))} or meshes <= fsdp_tp):
+        raise ValueError(f"gacc supports FSDP2 on a 1-D mesh, HSDP on a (replicate, shard) mesh and FSDP2 over "
+                         f"tensor parallelism on a (dp, tp) mesh; found DTensor parameters placed as "
+                         f"{sorted(meshes)[0][1]}")
 
 
 def managed_parameters(model: torch.nn.Module,

@@ -25,6 +25,17 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return getattr(t, "_local_tensor", t)
 
 
+def local_placed(g: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A DTensor grad as this rank's values, placed as its parameter: FSDP2's come so; a tensor-parallel one
+    can come Partial (SequenceParallel's replicated norms) and is reduced here, a collective that every
+    rank's hook makes in the same order. A plain tensor as it is."""
+    if local(g) is g:
+        return g
+    if tuple(g.placements) != tuple(param.placements):
+        g = g.redistribute(placements=param.placements)
+    return local(g)
+
+
 def padded_numel(param: torch.Tensor) -> int:
     """The elements of a parameter's slot range: the parameter, or this rank's shard of a DTensor
     parameter, counted at the largest shard's size (ceil(n / ranks) along each sharded dimension). So every
@@ -118,12 +129,8 @@ class Slot:
                                   stride=p.stride())
 
     def local_grad(self, g: torch.Tensor) -> torch.Tensor:
-        """A DTensor grad as this rank's values of the slot, placed as its parameter: FSDP2's come so; a
-        tensor-parallel one can come Partial (SequenceParallel's replicated norms) and is reduced here, a
-        collective that every rank's hook makes in the same order."""
-        if tuple(g.placements) != tuple(self.param.placements):
-            g = g.redistribute(placements=self.param.placements)
-        return local(g)
+        """A DTensor grad as this rank's values of the slot, placed as its parameter."""
+        return local_placed(g, self.param)
 
     def flat(self, t: torch.Tensor, base: int = 0) -> torch.Tensor:
         """Its range of a flat tensor that starts at buffer index `base`."""

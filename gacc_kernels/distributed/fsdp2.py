@@ -81,18 +81,25 @@ class ShardedReducer(LocalReducer):
                                "torch >= 2.9")
         self.groups = [g for m in modules for g in _param_groups(m)]
         check_private_state(self.groups)
-        mesh = next(p for p in model.parameters() if hasattr(p, "device_mesh")).device_mesh
+        first = next(p for p in model.parameters() if hasattr(p, "device_mesh"))
+        mesh = first.device_mesh
         # 1-D: one group. HSDP, a (replicate, shard) mesh: reduce-scatter within the shard group, all-reduce
-        # over the replicas; the window's flags and weights go over every rank (the default group)
-        self.hsdp = mesh.ndim == 2
-        self.shard_group = mesh.get_group(mesh.ndim - 1)
+        # over the replicas. FSDP over tensor parallelism, a (dp, tp) mesh: reduce-scatter within the dp
+        # group; the tp ranks see the same data, hold other parts of each parameter, and sum nothing.
+        self.hsdp = mesh.ndim == 2 and first.placements[0].is_replicate()
+        self.tp = mesh.ndim == 2 and not self.hsdp
+        fsdp_dim = 0 if self.tp else mesh.ndim - 1
+        self.shard_group, self.shards = mesh.get_group(fsdp_dim), mesh.size(fsdp_dim)
         self.replicas = mesh.get_group(0) if self.hsdp else None
+        if mesh.ndim == 2 and mesh.size() != dist.get_world_size():
+            raise ValueError(f"gacc supports a 2-D FSDP2 mesh of every rank ({dist.get_world_size()}), not "
+                             f"of {mesh.size()}")
+        # the ranks whose data differ: the window's flags and weights are agreed over them, and they average
         self.group = None if self.hsdp else self.shard_group
-        if self.hsdp and mesh.size() != dist.get_world_size():
-            raise ValueError(f"gacc supports HSDP on a mesh of every rank ({dist.get_world_size()}), not of "
-                             f"{mesh.size()}")
-        self.world = self.ranks = mesh.size()
-        self.shards = mesh.size(mesh.ndim - 1)
+        self.world = self.ranks = self.shards if self.tp else mesh.size()
+        self.everyone = self.shard_group if mesh.ndim == 1 else None  # found_inf is agreed over them
+        self.tp_size = mesh.size(1) if self.tp else 1
+        self.tp_copies = [s for s in buffer.slots if self.tp and s.param.placements[1].is_replicate()]
         for m in modules:  # a plain SUM (gloo has no PREMUL_SUM), then a division by 1
             factor, sum_only = _current_settings(m)
             undo.callback(m.set_gradient_divide_factor, factor)
@@ -105,7 +112,7 @@ class ShardedReducer(LocalReducer):
         # A bucket's are allocated at its first grad and freed after its reduce-scatter.
         self.unsharded: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.bucket_of = {id(s): i for i, b in enumerate(buffer.buckets) for s in b.slots}
-        self.cuts = {id(s): _cut(s.param) for s in buffer.slots}  # how each whole grad splits into shards
+        self.cuts = {id(s): s.param.placements[fsdp_dim].dim for s in buffer.slots}  # the dim FSDP shards
         self.hooked: set[int] = set()  # FSDP parameters whose unsharded parameter gacc has hooked
 
     # -- the mode, from FSDP's gradient sync flag ----------------------------------------------------
@@ -162,8 +169,9 @@ class ShardedReducer(LocalReducer):
             self.unsharded[index] = torch.zeros(self.shards, length, device=device), stats
         sums, stats = self.unsharded[index]
         begin = slot.start - self.buffer.buckets[index].begin
-        dim, rows = self.cuts[id(slot)]
+        dim = self.cuts[id(slot)]
         size = grad.shape[dim]
+        rows = -(-size // self.shards)  # torch.chunk's split, as FSDP's
         pieces = [grad.narrow(dim, r * rows, min(rows, size - r * rows)).contiguous().view(-1)
                   for r in range(self.shards) if r * rows < size]
         offsets = [r * sums.shape[1] + begin for r in range(len(pieces))]
@@ -224,11 +232,17 @@ class ShardedReducer(LocalReducer):
 
     def after_finalize(self, buffers):
         for buffer in buffers:
-            dist.all_reduce(buffer.found_inf, op=dist.ReduceOp.MAX, group=self.group)
+            dist.all_reduce(buffer.found_inf, op=dist.ReduceOp.MAX, group=self.everyone)
 
     def global_sq_norm(self, local):
-        dist.all_reduce(local, group=self.shard_group)  # the replicas hold the same shards
-        return local
+        if not self.tp:
+            dist.all_reduce(local, group=self.shard_group)  # the replicas hold the same shards
+            return local
+        # over every rank; the parameters the tp ranks replicate are counted once
+        whole = sum((s.partials().sum() for s in self.tp_copies), torch.zeros((), device=local.device))
+        parts = torch.stack([local - whole, whole])
+        dist.all_reduce(parts)
+        return parts[0] + parts[1] / self.tp_size
 
     def stats_totals(self, local):
         """Sync on: the grads came summed over the ranks, so a micro-batch is the ranks' together; q and
@@ -274,12 +288,3 @@ def check_private_state(groups) -> None:
 def _fsdp_params(groups) -> list:
     # private: each parameter group's FSDPParam objects
     return [fsdp_param for g in groups for fsdp_param in g.fsdp_params]
-
-
-def _cut(param) -> tuple[int, int]:
-    """The dimension FSDP shards a parameter on, and the rows of each shard (the last ones may have fewer,
-    or none): torch.chunk's split. The shard placement is the mesh's last dimension (the first of HSDP's
-    is Replicate)."""
-    placement = param.placements[-1]
-    ranks = param.device_mesh.size(param.device_mesh.ndim - 1)
-    return placement.dim, -(-param.shape[placement.dim] // ranks)
