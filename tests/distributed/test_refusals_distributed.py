@@ -46,9 +46,20 @@ def test_fsdp2_with_unsharded_parameters_is_refused(one_process_group):
     refused(model, "must be sharded")
 
 
-def test_fsdp2_with_tensor_parallelism_is_refused(one_process_group):
-    """FSDP2 over a tensor-parallel model (torchtitan's dp x tp mesh). One process gives a 1x1 mesh, with
-    the placements of any such model: (Shard(0), Shard(k)) where HSDP has (Replicate(), Shard(0))."""
+def test_hsdp_with_tensor_parallelism_is_refused(one_process_group):
+    """HSDP over a tensor-parallel model (a 3-D mesh): not supported yet. One process gives a 1x1x1 mesh."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    model = net()
+    mesh = init_device_mesh("cpu", (1, 1, 1), mesh_dim_names=("replicate", "shard", "tp"))
+    parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    fully_shard(model, mesh=mesh["replicate", "shard"])
+    assert {p.device_mesh.ndim for p in model.parameters()} == {3}
+    refused(model, "FSDP2 over tensor parallelism on a \\(dp, tp\\) mesh")
+
+
+def test_grad_stats_with_fsdp2_over_tensor_parallelism_is_refused(one_process_group):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
@@ -56,8 +67,9 @@ def test_fsdp2_with_tensor_parallelism_is_refused(one_process_group):
     mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("dp", "tp"))
     parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
     fully_shard(model, mesh=mesh["dp"])
-    assert {p.device_mesh.ndim for p in model.parameters()} == {2}
-    refused(model, "tensor parallelism is not supported yet")
+    with pytest.raises(ValueError, match="grad_stats under FSDP2 with tensor parallelism"):
+        gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2, grad_stats=True)
+    gacc_kernels.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2).remove()  # nothing left
 
 
 def test_dtensor_parameters_on_a_2d_mesh_outside_fsdp2_are_refused(one_process_group):
