@@ -1,0 +1,77 @@
+"""The pipeline tests' model, data and float64 reference: a tiny MLP (four blocks, split into 2 or 4 stages),
+N_MB micro-batches of ROWS // N_MB rows per schedule.step(), STEPS optimizer steps of SGD."""
+import itertools
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+N_MB, STEPS, LR, ROWS, MAX_NORM = 4, 3, 0.1, 16, 0.05
+DIMS = [8, 16, 16, 16, 4]
+
+
+def full_model(dtype=torch.float64) -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    layers = [torch.nn.Sequential(torch.nn.Linear(a, b), torch.nn.Tanh()) for a, b in itertools.pairwise(DIMS[:-1])]
+    return torch.nn.Sequential(*layers, torch.nn.Linear(DIMS[-2], DIMS[-1])).to(dtype)
+
+
+def split(model: torch.nn.Sequential, parts: int) -> list[torch.nn.Sequential]:
+    per = len(model) // parts
+    return [torch.nn.Sequential(*model[i * per:(i + 1) * per]) for i in range(parts)]
+
+
+def data(step, o, dtype=torch.float64):
+    g = torch.Generator().manual_seed(1000 * step + o)
+    return torch.randn(ROWS, DIMS[0], generator=g).to(dtype), torch.randn(ROWS, DIMS[-1], generator=g).to(dtype)
+
+
+def loss_fn(out, target):
+    return F.mse_loss(out, target)
+
+
+def global_clip(params, group=None):
+    """Stock: clip by the norm over all ranks' parameters, in the grads' dtype."""
+    sq = torch.stack([p.grad.double().square().sum() for p in params]).sum().reshape(1)
+    dist.all_reduce(sq, group=group)
+    norm = sq.sqrt()
+    coef = min(1.0, MAX_NORM / (float(norm) + 1e-6))
+    for p in params:
+        p.grad.mul_(coef)
+    return norm
+
+
+def reference(scale, outer, clip=False, rescale=False):
+    """float64, one process, the whole model on the whole batch: each step's grads, and the parameters
+    after the steps. outer: schedule.step()s per optimizer step, or a list of them per step (an early
+    step). rescale: stock's scale_grads with outer > 1 (the earlier step()s divided again)."""
+    model = full_model()
+    params = list(model.parameters())
+    out = {"grads": [], "norms": []}
+    for step in range(STEPS):
+        total = [torch.zeros_like(p) for p in params]
+        for o in range(outer if isinstance(outer, int) else outer[step]):
+            x, y = data(step, o)
+            for m in range(N_MB):
+                rows = slice(m * ROWS // N_MB, (m + 1) * ROWS // N_MB)
+                gs = torch.autograd.grad(loss_fn(model(x[rows]), y[rows]), params)
+                total = [t + g / (N_MB if scale and not rescale else 1) for t, g in zip(total, gs)]
+            if rescale:
+                total = [t / N_MB for t in total]
+        if clip:
+            norm = torch.stack([g.norm() for g in total]).norm()
+            out["norms"].append(norm)
+            total = [g * min(1.0, MAX_NORM / (float(norm) + 1e-6)) for g in total]
+        out["grads"].append(total)
+        with torch.no_grad():
+            for p, g in zip(params, total):
+                p -= LR * g
+    out["params"] = [p.detach().clone() for p in params]
+    return out
+
+
+def close(got, expected, rtol, atol, what):
+    assert len(got) == len(expected), what
+    for j, (g, e) in enumerate(zip(got, expected)):
+        torch.testing.assert_close(g.double(), e.double(), rtol=rtol, atol=atol,
+                                   msg=lambda m, j=j: f"{what}, parameter {j}: {m}")
