@@ -41,10 +41,11 @@ def global_clip(params, group=None):
     return norm
 
 
-def reference(scale, outer, clip=False, rescale=False):
+def reference(scale, outer, clip=False, rescale=False, ranks=1):
     """float64, one process, the whole model on the whole batch: each step's grads, and the parameters
     after the steps. outer: schedule.step()s per optimizer step, or a list of them per step (an early
-    step). rescale: stock's scale_grads with outer > 1 (the earlier step()s divided again)."""
+    step). rescale: stock's scale_grads with outer > 1 (the earlier step()s divided again). ranks: data
+    parallel pipelines, each given a share of the outer loop's batches, averaged as DDP does."""
     model = full_model()
     params = list(model.parameters())
     out = {"grads": [], "norms": []}
@@ -58,6 +59,7 @@ def reference(scale, outer, clip=False, rescale=False):
                 total = [t + g / (N_MB if scale and not rescale else 1) for t, g in zip(total, gs)]
             if rescale:
                 total = [t / N_MB for t in total]
+        total = [t / ranks for t in total]
         if clip:
             norm = torch.stack([g.norm() for g in total]).norm()
             out["norms"].append(norm)
