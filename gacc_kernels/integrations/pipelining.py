@@ -38,6 +38,12 @@ What it translates (torch 2.14's pipelining):
   scale_grads=True, stock torch divides the *whole* p.grad at each step(), so the grads of the earlier
   step()s are divided again (n_microbatches^2, ...); gacc divides each micro-batch once: the result is
   sum over all outer x n_microbatches micro-batches / n_microbatches.
+- Token weights: `attach(..., reduction="mean")`, a loss_fn that returns each micro-batch's mean over its
+  own tokens, and `set_micro_batch_weights(acc, counts)` on every rank before each `schedule.step()` (the
+  micro-batches' token counts, in order): the result is the window's token-weighted mean, over the
+  micro-batches of every step() and the data-parallel ranks of a DDP stage, whatever scale_grads says.
+  Each count is set on the accumulator before the backward that delivers that micro-batch's grads (a
+  stage's `backward_one_chunk` with full_backward=True, wrapped while attached, or gacc's W action).
 - One accumulator per rank. With one stage on the rank gacc attaches to its `stage.submod`; with several
   (interleaved and looped schedules, one optimizer over all chunks) to a container module holding the
   chunks (`acc.model`, parameters named `stage<i>.<name>`), whose forward hooks are run at each chunk's
@@ -58,9 +64,8 @@ Refused at attach, with what to do:
   it); FSDP (fully_shard, replicate) in a stage: the schedule turns gradient sync off and runs the
   post-backward itself, which needs FSDP2's no-sync mode in gacc (not yet).
 - `scaler=` (a GradScaler's found_inf must be agreed over the stages, which gacc's public API cannot do
-  yet; bf16 needs no scaler), `reduction="mean"` (the schedule's scale_grads says how micro-batches
-  combine), `process_group=` / `comm_dtype=` (data parallel across pipelines without DDP: not yet),
-  `steps=` and `window_end=` (read from the schedule).
+  yet; bf16 needs no scaler), `process_group=` / `comm_dtype=` (data parallel across pipelines without
+  DDP: not yet), `steps=` and `window_end=` (read from the schedule).
 """
 from __future__ import annotations
 
@@ -92,6 +97,7 @@ _REFUSED_KWARGS = {
 }
 _FORWARDING = "_gacc_forward_chunks"  # on the container while attached: its chunks run its forward hooks
 _GROUPS: weakref.WeakKeyDictionary[GradAccumulator, object] = weakref.WeakKeyDictionary()
+_WEIGHTS: weakref.WeakKeyDictionary[GradAccumulator, _Weights] = weakref.WeakKeyDictionary()
 _CONTAINER_OF: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = weakref.WeakKeyDictionary()
 
 
@@ -103,10 +109,9 @@ def attach(schedule, optimizer, outer: int = 1, **kwargs) -> GradAccumulator:
         raise ValueError(f"outer must be an int >= 1 (schedule.step() calls per optimizer step), got {outer!r}")
     loss_scale = float(kwargs.pop("loss_scale", 1.0))
     reduction = kwargs.pop("reduction", "sum")
-    if reduction != "sum":
-        raise ValueError(f"reduction={reduction!r} is not supported with pipelining: the schedule's scale_grads "
-                         "says how micro-batches combine (scale_grads=True: their mean), and gacc gives "
-                         "exactly that; pass loss_scale= for a factor the loss_fn applies")
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' (the schedule's scale_grads) or 'mean' (token weights), "
+                         f"got {reduction!r}")
     for name in kwargs:
         if name in _REFUSED_KWARGS:
             raise ValueError(f"{name}= with pipelining.attach: {_REFUSED_KWARGS[name]}")
@@ -122,7 +127,9 @@ def attach(schedule, optimizer, outer: int = 1, **kwargs) -> GradAccumulator:
     for stage in stages:
         check_stage(stage, several=len(stages) > 1)
     n = int(schedule._n_microbatches)  # private: the schedule's micro-batch count
-    scale = n if schedule.scale_grads else 1
+    # "sum": the schedule's 1/n (scale_grads) in gacc's pass; "mean": the weights' total divides, which
+    # counts each micro-batch once per stage on the rank, while a parameter gets it from its own stage
+    scale = (n if schedule.scale_grads else 1) if reduction == "sum" else 1 / len(stages)
     model = modules[0] if len(modules) == 1 else _Chunks(stages)
     split = isinstance(schedule, pp_schedules._PipelineScheduleRuntime) and any(
         a.computation_type is pp_schedules.BACKWARD_WEIGHT
@@ -130,7 +137,8 @@ def attach(schedule, optimizer, outer: int = 1, **kwargs) -> GradAccumulator:
     if split and kwargs.get("fuse_linear"):
         raise ValueError("fuse_linear=True with a schedule that splits backward into I and W actions has not "
                          "been tried yet; leave fuse_linear off (the default)")
-    acc = attach_core(model, optimizer, steps=n * len(stages) * outer, loss_scale=loss_scale * scale, **kwargs)
+    acc = attach_core(model, optimizer, steps=n * len(stages) * outer, loss_scale=loss_scale * scale,
+                      reduction=reduction, **kwargs)
     try:
         acc.set_while_attached(schedule, "scale_grads", False)  # folded into loss_scale
         if len(modules) > 1:
@@ -141,8 +149,13 @@ def attach(schedule, optimizer, outer: int = 1, **kwargs) -> GradAccumulator:
         for stage in stages:
             if isinstance(stage.submod, DistributedDataParallel):
                 _keep_ddp_reducer_off(acc, stage)
+        weights = _Weights(acc, n) if reduction == "mean" else None
+        if weights is not None:
+            _WEIGHTS[acc] = weights
+            for stage in stages:
+                weights.weigh_full_backwards(stage)
         if split:
-            _run_weight_actions(acc, schedule, stages, n)
+            _run_weight_actions(acc, schedule, stages, n, weights)
     except BaseException:
         acc.remove()
         raise
@@ -161,6 +174,55 @@ def clip_grad_norm_(acc: GradAccumulator, max_norm: float, group=None) -> torch.
     dist.all_reduce(sq, group=group)
     total = sq.sqrt().to(local.dtype).reshape(local.shape)
     return acc.clip_grad_norm_(max_norm, total_norm=total)
+
+
+def set_micro_batch_weights(acc: GradAccumulator, weights) -> None:
+    """The weights (token counts) of the next schedule.step()'s micro-batches, in micro-batch order, for
+    attach(..., reduction="mean"): the window's result is then sum_k w_k g_k / sum_k w_k over every
+    micro-batch of the window (of every step() of an outer loop, and over the data-parallel ranks of a
+    DDP stage), where g_k is the grad of micro-batch k's loss, the mean over its own tokens. Call it on every
+    rank of the pipeline before each schedule.step(), with the same weights."""
+    owner = _WEIGHTS.get(acc)
+    if owner is None:
+        raise ValueError("set_micro_batch_weights() needs an accumulator from pipelining.attach(..., "
+                         "reduction=\"mean\")")
+    owner.set(weights)
+
+
+class _Weights:
+    """Each micro-batch's weight, set on the accumulator before the backward that delivers its grads: a
+    stage's full backward (B, or stage 0's W), or its W action; its I action delivers none."""
+
+    def __init__(self, acc: GradAccumulator, n: int):
+        self.acc, self.n = acc, n
+        self.weights: list[float] | None = None
+        self.used: set[tuple[int, int]] = set()  # (stage index, micro-batch) since the weights were set
+
+    def set(self, weights) -> None:
+        weights = [float(w) for w in weights]
+        if len(weights) != self.n:
+            raise ValueError(f"set_micro_batch_weights() got {len(weights)} weights for {self.n} micro-batches")
+        self.weights, self.used = weights, set()
+
+    def use(self, stage_index: int, microbatch: int) -> None:
+        key = (stage_index, microbatch)
+        if self.weights is None or key in self.used:
+            raise RuntimeError("with reduction=\"mean\", call gacc_pp.set_micro_batch_weights(acc, weights) "
+                               "before each schedule.step(), on every rank")
+        self.used.add(key)
+        self.acc.set_weight(self.weights[microbatch])
+
+    def weigh_full_backwards(self, stage) -> None:
+        """The stage's full backwards (backward_one_chunk with full_backward=True) weighted, until remove()."""
+        backward = type(stage).backward_one_chunk
+
+        def weighted(bwd_chunk_id, loss=None, full_backward=True, last_backward=False):
+            if full_backward:
+                self.use(stage.stage_index, bwd_chunk_id)
+            return backward(stage, bwd_chunk_id, loss=loss, full_backward=full_backward,
+                            last_backward=last_backward)
+
+        self.acc.set_while_attached(stage, "backward_one_chunk", weighted)
 
 
 # -- what the schedule and its stages are ------------------------------------------------------------
@@ -254,7 +316,7 @@ def check_stage(stage, several: bool) -> None:
 # -- zero-bubble: the W actions through gacc -------------------------------------------------------
 
 
-def _run_weight_actions(acc: GradAccumulator, schedule, stages: list, n: int) -> None:
+def _run_weight_actions(acc: GradAccumulator, schedule, stages: list, n: int, weights: _Weights | None) -> None:
     """Each W action (a stage's weight grads of one micro-batch) as one gacc micro-step. The runtime's own W
     sets weight.grad = dw by hand (stage 0's runs a full backward), which no hook sees; gacc's runs the
     same W inside acc.grads_by_hand(), which takes what it writes. Registered through the runtime's
@@ -266,6 +328,8 @@ def _run_weight_actions(acc: GradAccumulator, schedule, stages: list, n: int) ->
         # at its n-th), then the stage's weight backward of the micro-batch
         counter, i = ctx.schedule_ref.backward_counter, action.stage_index
         counter[i] += 1
+        if weights is not None:
+            weights.use(i, action.microbatch_index)
         with acc.grads_by_hand():
             by_index[i].backward_weight_one_chunk(action.microbatch_index, last_backward=counter[i] == n)
 

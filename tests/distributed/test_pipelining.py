@@ -126,7 +126,13 @@ def refusals(rank):
 
     _, _, sched, opt = build(rank, "gpipe", True, torch.float32)
     attempt("scaler", lambda: gacc_pp.attach(sched, opt, scaler=torch.amp.GradScaler("cpu")))
-    attempt("mean", lambda: gacc_pp.attach(sched, opt, reduction="mean"))
+    attempt("reduction", lambda: gacc_pp.attach(sched, opt, reduction="max"))
+    summed = gacc_pp.attach(sched, opt)
+    attempt("weights_with_sum", lambda: gacc_pp.set_micro_batch_weights(summed, [1.0] * N_MB))
+    summed.remove()
+    mean = gacc_pp.attach(sched, opt, reduction="mean")
+    attempt("weights_count", lambda: gacc_pp.set_micro_batch_weights(mean, [1.0] * (N_MB + 1)))
+    mean.remove()
     attempt("steps", lambda: gacc_pp.attach(sched, opt, steps=4))
     attempt("outer", lambda: gacc_pp.attach(sched, opt, outer=0))
     got["untouched"] = sched.scale_grads is True
@@ -267,7 +273,9 @@ def test_refusals(results):
     for r in results:
         got = r["refusals"]
         assert "GradScaler" in got["scaler"]
-        assert "scale_grads" in got["mean"]
+        assert "'sum' (the schedule's scale_grads) or 'mean' (token weights)" in got["reduction"]
+        assert 'reduction="mean"' in got["weights_with_sum"]
+        assert f"got {N_MB + 1} weights for {N_MB} micro-batches" in got["weights_count"]
         assert "read from the schedule" in got["steps"]
         assert got["outer"] is not None
         assert got["untouched"] and got["attach_after"] is None, "a refused attach changes nothing"

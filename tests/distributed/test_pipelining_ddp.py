@@ -6,7 +6,8 @@ holding that stage. The schedule would call DDP's reducer.prepare_for_backward b
 backward; gacc keeps DDP's reducer off (a comm hook counts its calls: none) and reduces the window over
 DDP's group itself. Every stage's grads at each optimizer step and the parameters after 3 steps are
 compared with a float64 run of the whole model on the whole batch. GPipe, 1F1B with an outer loop, and
-ScheduleInterleavedZeroBubble (one stage per rank: its W actions under DDP).
+ScheduleInterleavedZeroBubble (one stage per rank: its W actions under DDP); and token weights
+(reduction="mean"): the mean over every token of the window, on both pipelines.
 Stock PP + DDP is not compared: on torch 2.14's CPU it fails (DDP's reducer asserts that the rebuilt
 parameter indices number twice the parameters; with a comm hook it hangs).
 """
@@ -17,12 +18,25 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from torch.nn.parallel import DistributedDataParallel
 
 from gacc_kernels.integrations import pipelining as gacc_pp
-from helpers.pipeline import LR, N_MB, STEPS, close, data, full_model, loss_fn, reference, split
+from helpers.pipeline import (
+    LR,
+    N_MB,
+    STEPS,
+    close,
+    data,
+    full_model,
+    loss_fn,
+    reference,
+    split,
+    token_counts,
+    token_data,
+    token_loss_fn,
+)
 from helpers.spawn import spawn
 
 PP, DP = 2, 2
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "izb": ScheduleInterleavedZeroBubble}
-CASES = [("gpipe", 1), ("1f1b", 2), ("izb", 1)]
+CASES = [("gpipe", 1, False), ("1f1b", 2, False), ("izb", 1, False), ("1f1b", 2, True), ("izb", 1, True)]
 
 
 def _counting_allreduce(calls, bucket):
@@ -32,7 +46,7 @@ def _counting_allreduce(calls, bucket):
 
 
 def run(rank, groups, c):
-    schedule, outer = c
+    schedule, outer, tokens = c
     pipeline, index = divmod(rank, PP)  # pipeline d holds ranks 2d (stage 0) and 2d + 1 (stage 1)
     pp_group, dp_group = groups["pp"][pipeline], groups["dp"][index]
     part = split(full_model(torch.float32), PP)[index]
@@ -40,14 +54,17 @@ def run(rank, groups, c):
     calls = []
     ddp.register_comm_hook(calls, _counting_allreduce)
     stage = PipelineStage(ddp, index, PP, torch.device("cpu"), group=pp_group)
-    sched = SCHEDULES[schedule]([stage] if schedule == "izb" else stage, n_microbatches=N_MB, loss_fn=loss_fn)
+    sched = SCHEDULES[schedule]([stage] if schedule == "izb" else stage, n_microbatches=N_MB,
+                                loss_fn=token_loss_fn if tokens else loss_fn)
     opt = torch.optim.SGD(ddp.parameters(), lr=LR)
-    acc = gacc_pp.attach(sched, opt, outer=outer)
+    acc = gacc_pp.attach(sched, opt, outer=outer, reduction="mean" if tokens else "sum")
     out = {"grads": []}
     opt.register_step_pre_hook(lambda *_: out["grads"].append({index: [p.grad.clone() for p in part.parameters()]}))
     for step in range(STEPS):
         for o in range(outer):
-            x, y = data(step, o * DP + pipeline, torch.float32)  # the pipelines share the batches
+            x, y = (token_data if tokens else data)(step, o * DP + pipeline, torch.float32)  # a share each
+            if tokens:
+                gacc_pp.set_micro_batch_weights(acc, token_counts(y))
             sched.step(*((x,) if index == 0 else ()), target=y if index == PP - 1 else None)
         opt.step()
         opt.zero_grad()
@@ -82,10 +99,10 @@ def merged(ranks, c, field):
     return [[t for r in ranks[:PP] for t in next(iter(r[c]["grads"][s].values()))] for s in range(STEPS)]
 
 
-@pytest.mark.parametrize("c", CASES, ids=lambda c: f"{c[0]}-outer{c[1]}")
+@pytest.mark.parametrize("c", CASES, ids=lambda c: f"{c[0]}-outer{c[1]}" + "-tokens" * c[2])
 def test_ddp_in_stages_is_the_float64_large_batch_step(results, c):
-    outer = c[1]
-    ref = reference(True, outer * DP, ranks=DP)
+    _, outer, tokens = c
+    ref = reference(True, outer * DP, ranks=DP, tokens=tokens)
     grads = merged(results, c, "grads")
     for s in range(STEPS):
         close(grads[s], ref["grads"][s], 1e-5, 1e-7, f"step {s}: gacc against float64")

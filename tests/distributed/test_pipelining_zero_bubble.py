@@ -15,26 +15,44 @@ import torch
 import torch.distributed as dist
 from torch.distributed.pipelining import (
     PipelineStage,
+    Schedule1F1B,
     ScheduleDualPipeV,
     ScheduleInterleavedZeroBubble,
     ScheduleZBVZeroBubble,
 )
 
 from gacc_kernels.integrations import pipelining as gacc_pp
-from helpers.pipeline import LR, MAX_NORM, N_MB, STEPS, close, data, full_model, loss_fn, reference, split
+from helpers.pipeline import (
+    LR,
+    MAX_NORM,
+    N_MB,
+    STEPS,
+    close,
+    data,
+    full_model,
+    loss_fn,
+    reference,
+    split,
+    token_counts,
+    token_data,
+    token_loss_fn,
+)
 from helpers.spawn import spawn
 
 WORLD = 2
-SCHEDULES = {"izb": ScheduleInterleavedZeroBubble, "zbv": ScheduleZBVZeroBubble, "dualpipev": ScheduleDualPipeV}
+SCHEDULES = {"izb": ScheduleInterleavedZeroBubble, "zbv": ScheduleZBVZeroBubble, "dualpipev": ScheduleDualPipeV,
+             "1f1b": Schedule1F1B}
 
 
-def case(schedule, per_rank, outer=1, early=False, clip=False):
-    """early: the second optimizer step comes after one schedule.step() of `outer` (a short window)."""
-    return (schedule, per_rank, outer, early, clip)
+def case(schedule, per_rank, outer=1, early=False, clip=False, tokens=False):
+    """early: the second optimizer step comes after one schedule.step() of `outer` (a short window).
+    tokens: reduction="mean" with each micro-batch's token count as its weight (token_data)."""
+    return (schedule, per_rank, outer, early, clip, tokens)
 
 
 CASES = [case("izb", 1), case("izb", 2, outer=2, early=True), case("zbv", 2, clip=True),
-         case("dualpipev", 2, outer=2), case("zbv", 2, outer=2, early=True)]
+         case("dualpipev", 2, outer=2), case("zbv", 2, outer=2, early=True),
+         case("zbv", 2, outer=2, tokens=True), case("dualpipev", 2, tokens=True), case("1f1b", 1, tokens=True)]
 
 
 def outers(c):
@@ -50,13 +68,14 @@ def stage_indices(schedule, per_rank, rank):
 
 
 def run(rank, c):
-    schedule, per_rank, outer, _, clip = c
+    schedule, per_rank, outer, _, clip, tokens = c
     indices = stage_indices(schedule, per_rank, rank)
     parts = split(full_model(torch.float32), WORLD * per_rank)
     stages = [PipelineStage(parts[i], i, len(parts), torch.device("cpu")) for i in indices]
-    sched = SCHEDULES[schedule](stages, n_microbatches=N_MB, loss_fn=loss_fn)
+    sched = SCHEDULES[schedule](stages[0] if schedule == "1f1b" else stages, n_microbatches=N_MB,
+                                loss_fn=token_loss_fn if tokens else loss_fn)
     opt = torch.optim.SGD([p for i in indices for p in parts[i].parameters()], lr=LR)
-    acc = gacc_pp.attach(sched, opt, outer=outer)
+    acc = gacc_pp.attach(sched, opt, outer=outer, reduction="mean" if tokens else "sum")
     out = {"grads": [], "norms": []}
 
     def record(optimizer, args, kwargs):  # registered after gacc's, which finishes a short window first
@@ -66,7 +85,9 @@ def run(rank, c):
     first, last = 0 in indices, 2 * WORLD - 1 in indices if per_rank == 2 else rank == WORLD - 1
     for step in range(STEPS):
         for o in range(outers(c)[step]):
-            x, y = data(step, o, torch.float32)
+            x, y = (token_data if tokens else data)(step, o, torch.float32)
+            if tokens:  # every rank knows the counts (here from the targets; a loader may count them)
+                gacc_pp.set_micro_batch_weights(acc, token_counts(y))
             sched.step(*((x,) if first else ()), target=y if last else None)
         if clip:
             out["norms"].append(gacc_pp.clip_grad_norm_(acc, MAX_NORM))
@@ -74,8 +95,9 @@ def run(rank, c):
         opt.zero_grad()
     out["params"] = {i: [p.detach().clone() for p in parts[i].parameters()] for i in indices}
     acc.remove()
-    out["restored"] = (sched.scale_grads is True and not sched._comp_type_to_function_map
-                       and all("backward_maybe_with_nosync" not in vars(s) for s in stages))
+    out["restored"] = (sched.scale_grads is True and not getattr(sched, "_comp_type_to_function_map", None)
+                       and all(not {"backward_maybe_with_nosync", "backward_one_chunk"} & set(vars(s))
+                               for s in stages))
     return out
 
 
@@ -134,8 +156,8 @@ def merged(ranks, c, field):
 
 @pytest.mark.parametrize("c", CASES, ids=lambda c: "-".join(map(str, c)))
 def test_zero_bubble_is_the_float64_large_batch_step(results, c):
-    clip = c[4]
-    ref = reference(True, outers(c), clip=clip)
+    clip, tokens = c[4:]
+    ref = reference(True, outers(c), clip=clip, tokens=tokens)
     grads = merged(results, c, "grads")
     for s in range(STEPS):
         close(grads[s], ref["grads"][s], 1e-5, 1e-7, f"step {s}: gacc against float64")

@@ -41,25 +41,52 @@ def global_clip(params, group=None):
     return norm
 
 
-def reference(scale, outer, clip=False, rescale=False, ranks=1):
+def token_data(step, o, dtype=torch.float64):
+    """data() with about a third of the targets masked (NaN): a micro-batch's tokens are its others."""
+    x, y = data(step, o, dtype)
+    g = torch.Generator().manual_seed(7 + 1000 * step + o)
+    y[torch.rand(y.shape, generator=g) < 0.35] = float("nan")
+    return x, y
+
+
+def token_loss_fn(out, target):
+    """The mean squared error over the micro-batch's tokens (its targets that are not masked)."""
+    valid = ~target.isnan()
+    return ((out - target.nan_to_num()) ** 2 * valid).sum() / valid.sum()
+
+
+def token_counts(target) -> list[int]:
+    """Each micro-batch's number of tokens, as the schedule splits the batch."""
+    return [int((~t.isnan()).sum()) for t in target.chunk(N_MB)]
+
+
+def reference(scale, outer, clip=False, rescale=False, ranks=1, tokens=False):
     """float64, one process, the whole model on the whole batch: each step's grads, and the parameters
     after the steps. outer: schedule.step()s per optimizer step, or a list of them per step (an early
     step). rescale: stock's scale_grads with outer > 1 (the earlier step()s divided again). ranks: data
-    parallel pipelines, each given a share of the outer loop's batches, averaged as DDP does."""
+    parallel pipelines, each given a share of the outer loop's batches, averaged as DDP does. tokens:
+    token_data, and the mean over all the window's tokens (of every batch, on every pipeline)."""
     model = full_model()
     params = list(model.parameters())
     out = {"grads": [], "norms": []}
     for step in range(STEPS):
         total = [torch.zeros_like(p) for p in params]
+        count = 0
         for o in range(outer if isinstance(outer, int) else outer[step]):
-            x, y = data(step, o)
+            x, y = (token_data if tokens else data)(step, o)
             for m in range(N_MB):
                 rows = slice(m * ROWS // N_MB, (m + 1) * ROWS // N_MB)
-                gs = torch.autograd.grad(loss_fn(model(x[rows]), y[rows]), params)
-                total = [t + g / (N_MB if scale and not rescale else 1) for t, g in zip(total, gs)]
+                if tokens:  # each token's squared error, summed
+                    n = int((~y[rows].isnan()).sum())
+                    count += n
+                    loss = token_loss_fn(model(x[rows]), y[rows]) * n
+                else:
+                    loss = loss_fn(model(x[rows]), y[rows])
+                gs = torch.autograd.grad(loss, params)
+                total = [t + g / (N_MB if scale and not rescale and not tokens else 1) for t, g in zip(total, gs)]
             if rescale:
                 total = [t / N_MB for t in total]
-        total = [t / ranks for t in total]
+        total = [t / (count if tokens else ranks) for t in total]
         if clip:
             norm = torch.stack([g.norm() for g in total]).norm()
             out["norms"].append(norm)
