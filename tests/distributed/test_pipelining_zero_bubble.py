@@ -20,6 +20,7 @@ from torch.distributed.pipelining import (
     ScheduleInterleavedZeroBubble,
     ScheduleZBVZeroBubble,
 )
+from torch.distributed.pipelining.schedules import BACKWARD_WEIGHT as W
 
 from gacc_kernels.integrations import pipelining as gacc_pp
 from helpers.pipeline import (
@@ -125,6 +126,39 @@ def bf16_micro_grads(rank):
     return got
 
 
+def other_weight_functions(rank):
+    """A custom W function registered before attach is refused there; one registered after it is refused
+    at the next forward of a stage (it would set weight.grad where gacc never looks), until remove()."""
+    indices = stage_indices("zbv", 2, rank)
+    parts = split(full_model(torch.float32), 2 * WORLD)
+    stages = [PipelineStage(parts[i], i, len(parts), torch.device("cpu")) for i in indices]
+    sched = ScheduleZBVZeroBubble(stages, n_microbatches=N_MB, loss_fn=loss_fn)
+    opt = torch.optim.SGD([p for i in indices for p in parts[i].parameters()], lr=LR)
+    x = _inputs(parts[indices[0]])
+    got = {}
+    sched.register_custom_function(W, lambda action, ctx: None)
+    try:
+        gacc_pp.attach(sched, opt)
+    except ValueError as e:
+        got["before"] = str(e)
+    sched._comp_type_to_function_map.clear()
+    acc = gacc_pp.attach(sched, opt)
+    sched.register_custom_function(W, lambda action, ctx: None)
+    try:
+        parts[indices[0]](x)
+    except RuntimeError as e:
+        got["after"] = str(e)
+    acc.remove()
+    parts[indices[0]](x)  # the check is gone with the accumulator: each hook removes itself at its forward
+    parts[indices[1]](_inputs(parts[indices[1]]))
+    got["hooks_left"] = sum(len(parts[i]._forward_pre_hooks) for i in indices)
+    return got
+
+
+def _inputs(part):
+    return torch.randn(2, next(m for m in part.modules() if isinstance(m, torch.nn.Linear)).in_features)
+
+
 def _append_double(into, grad):
     into.append(grad.double().clone())
 
@@ -133,6 +167,7 @@ def _train(rank, path):
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     results = {c: run(rank, c) for c in CASES}
     results["bf16"] = bf16_micro_grads(rank)
+    results["other_w"] = other_weight_functions(rank)
     torch.save(results, f"{path}.{rank}")
     dist.barrier()
     dist.destroy_process_group()
@@ -183,3 +218,11 @@ def test_bf16_main_grad_is_the_fp32_sum_where_stock_is_lossy(results):
     # gacc: fp32 additions of bf16 values (exact here) and one division by 4; stock: bf16 additions
     assert worst["gacc"] < 1e-6, worst
     assert worst["stock"] > 1e-3, worst
+
+
+def test_a_custom_w_function_is_refused_before_and_after_attach(results):
+    for r in results:
+        got = r["other_w"]
+        assert "custom functions registered" in got["before"]
+        assert "registered on the schedule after gacc's pipelining.attach()" in got["after"]
+        assert got["hooks_left"] == 0
