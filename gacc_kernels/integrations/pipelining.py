@@ -106,7 +106,8 @@ def attach(schedule, optimizer, outer: int = 1, **kwargs) -> GradAccumulator:
     optimizer over this rank's stage(s) (or a list of them); `outer`: schedule.step() calls per optimizer
     step. kwargs: loss_scale, bucket_bytes, fuse_linear (see gacc_kernels.attach)."""
     if not isinstance(outer, int) or isinstance(outer, bool) or outer < 1:
-        raise ValueError(f"outer must be an int >= 1 (schedule.step() calls per optimizer step), got {outer!r}")
+        raise ValueError(f"outer must be an int >= 1 (schedule.step() calls per optimizer step), "
+                         f"got {outer!r}")
     loss_scale = float(kwargs.pop("loss_scale", 1.0))
     reduction = kwargs.pop("reduction", "sum")
     if reduction not in ("sum", "mean"):
@@ -122,7 +123,8 @@ def attach(schedule, optimizer, outer: int = 1, **kwargs) -> GradAccumulator:
     for module in modules:
         container = _CONTAINER_OF.get(module)
         if module in ATTACHED or (container is not None and vars(container).get(_FORWARDING)):
-            raise RuntimeError("gacc is already attached to a stage of this schedule; call acc.remove() first")
+            raise RuntimeError("gacc is already attached to a stage of this schedule; call acc.remove() "
+                               "first")
     check_schedule(schedule)
     for stage in stages:
         check_stage(stage, several=len(stages) > 1)
@@ -201,7 +203,8 @@ class _Weights:
     def set(self, weights) -> None:
         weights = [float(w) for w in weights]
         if len(weights) != self.n:
-            raise ValueError(f"set_micro_batch_weights() got {len(weights)} weights for {self.n} micro-batches")
+            raise ValueError(f"set_micro_batch_weights() got {len(weights)} weights for {self.n} "
+                             "micro-batches")
         self.weights, self.used = weights, set()
 
     def use(self, stage_index: int, microbatch: int) -> None:
@@ -213,7 +216,7 @@ class _Weights:
         self.acc.set_weight(self.weights[microbatch])
 
     def weigh_full_backwards(self, stage) -> None:
-        """The stage's full backwards (backward_one_chunk with full_backward=True) weighted, until remove()."""
+        """The stage's full backwards (backward_one_chunk, full_backward=True) weighted, until remove()."""
         backward = type(stage).backward_one_chunk
 
         def weighted(bwd_chunk_id, loss=None, full_backward=True, last_backward=False):
@@ -239,8 +242,8 @@ def stages_of(schedule) -> list:
 
 
 def _refuse_run(name: str) -> ValueError:
-    return ValueError(f"gacc does not support {name}: it runs its micro-batches in its own way, so gacc cannot "
-                      f"tell where each backward's grads go. Use {SCHEDULES}")
+    return ValueError(f"gacc does not support {name}: it runs its micro-batches in its own way, so gacc "
+                      f"cannot tell where each backward's grads go. Use {SCHEDULES}")
 
 
 def check_schedule(schedule) -> None:
@@ -290,9 +293,9 @@ def check_stage(stage, several: bool) -> None:
     if not isinstance(stage, _PipelineStageBase):
         raise TypeError(f"the schedule's stage is a {type(stage).__name__}, not a pipelining stage")
     if stage.dw_builder is not None:
-        raise ValueError(f"stage {stage.stage_index} has a dw_builder: its weight grads are made by a runner "
-                         "of its own, not through autograd's accumulation, so gacc cannot see them. Build the "
-                         "stage without dw_builder")
+        raise ValueError(f"stage {stage.stage_index} has a dw_builder: its weight grads are made by a "
+                         "runner of its own, not through autograd's accumulation, so gacc cannot see them. "
+                         "Build the stage without dw_builder")
     for m in stage.submod.modules():
         if isinstance(m, DistributedDataParallel) and (several or m is not stage.submod):
             raise ValueError(
@@ -307,16 +310,18 @@ def check_stage(stage, several: bool) -> None:
                              "pipelining with DDP")
         if isinstance(m, FSDPModule) or type(m).__name__ == "FullyShardedDataParallel":
             raise ValueError(
-                f"stage {stage.stage_index}'s submodule is sharded with FSDP (fully_shard or replicate), which "
-                "gacc does not support under pipelining yet: the schedule turns FSDP's gradient sync off and "
-                "runs its post-backward itself, which needs gacc's FSDP2 no-sync mode (not built yet). Use gacc "
-                "on a stage without FSDP, DDP as the stage's submodule, or stock pipelining with FSDP")
+                f"stage {stage.stage_index}'s submodule is sharded with FSDP (fully_shard or replicate), "
+                "which gacc does not support under pipelining yet: the schedule turns FSDP's gradient "
+                "sync off and runs its post-backward itself, which needs gacc's FSDP2 no-sync mode (not "
+                "built yet). Use gacc on a stage without FSDP, DDP as the stage's submodule, or stock "
+                "pipelining with FSDP")
 
 
 # -- zero-bubble: the W actions through gacc -------------------------------------------------------
 
 
-def _run_weight_actions(acc: GradAccumulator, schedule, stages: list, n: int, weights: _Weights | None) -> None:
+def _run_weight_actions(acc: GradAccumulator, schedule, stages: list, n: int,
+                        weights: _Weights | None) -> None:
     """Each W action (a stage's weight grads of one micro-batch) as one gacc micro-step. The runtime's own W
     sets weight.grad = dw by hand (stage 0's runs a full backward), which no hook sees; gacc's runs the
     same W inside acc.grads_by_hand(), which takes what it writes. Registered through the runtime's
@@ -350,7 +355,8 @@ def _refuse_other_weight_action(acc: GradAccumulator, schedule, module: torch.nn
         if owner is None or sched is None or ATTACHED.get(owner.model) is not owner:
             handle.remove()
             return
-        if sched._comp_type_to_function_map.get(pp_schedules.BACKWARD_WEIGHT) is not mine:  # private, as above
+        # private: the runtime's custom functions, as above
+        if sched._comp_type_to_function_map.get(pp_schedules.BACKWARD_WEIGHT) is not mine:
             raise RuntimeError("a custom function for W actions was registered on the schedule after "
                                "gacc's pipelining.attach(); gacc's own runs each W as a micro-step. Call "
                                "acc.remove() first, or leave W to gacc")
