@@ -102,9 +102,10 @@ _CONTAINER_OF: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = wea
 
 
 def attach(schedule, optimizer, outer: int = 1, **kwargs) -> GradAccumulator:
-    """Enable gacc on this rank's stage(s) of a FULL_BACKWARD pipelining schedule. `optimizer`: the torch
-    optimizer over this rank's stage(s) (or a list of them); `outer`: schedule.step() calls per optimizer
-    step. kwargs: loss_scale, bucket_bytes, fuse_linear (see gacc_kernels.attach)."""
+    """Enable gacc on this rank's stage(s) of a pipelining schedule (FULL_BACKWARD or zero-bubble).
+    `optimizer`: the torch optimizer over this rank's stage(s) (or a list of them); `outer`: schedule.step()
+    calls per optimizer step. kwargs: reduction ("sum": what the schedule's scale_grads gives; "mean": token
+    weights, see set_micro_batch_weights), loss_scale, bucket_bytes, fuse_linear (see gacc_kernels.attach)."""
     if not isinstance(outer, int) or isinstance(outer, bool) or outer < 1:
         raise ValueError(f"outer must be an int >= 1 (schedule.step() calls per optimizer step), "
                          f"got {outer!r}")
