@@ -134,9 +134,7 @@ def attach(schedule, optimizer, outer: int = 1, **kwargs) -> GradAccumulator:
     # counts each micro-batch once per stage on the rank, while a parameter gets it from its own stage
     scale = (n if schedule.scale_grads else 1) if reduction == "sum" else 1 / len(stages)
     model = modules[0] if len(modules) == 1 else _Chunks(stages)
-    split = isinstance(schedule, pp_schedules._PipelineScheduleRuntime) and any(
-        a.computation_type is pp_schedules.BACKWARD_WEIGHT
-        for a in _actions(schedule, "pipeline_order_with_comms", split=True))
+    split = has_weight_actions(schedule)
     if split and kwargs.get("fuse_linear"):
         raise ValueError("fuse_linear=True with a schedule that splits backward into I and W actions has not "
                          "been tried yet; leave fuse_linear off (the default)")
@@ -265,10 +263,16 @@ def check_schedule(schedule) -> None:
         return
     if run is not pp_schedules._PipelineScheduleRuntime._step_microbatches:
         raise _refuse_run(name)
-    if not hasattr(schedule, "register_custom_function") or not hasattr(schedule, "backward_counter"):
-        raise ValueError(f"gacc needs register_custom_function and backward_counter on {name} to run its W "
-                         f"actions, which this torch {torch.__version__} lacks; use a newer torch or a "
-                         f"FULL_BACKWARD schedule ({FULL_BACKWARD_SCHEDULES})")
+    # what gacc's W action and its token weights call on the runtime and its stages
+    calls = {"backward_weight_one_chunk": "last_backward", "backward_one_chunk": "full_backward"}
+    if has_weight_actions(schedule) and (
+            not hasattr(schedule, "register_custom_function") or not hasattr(schedule, "backward_counter")
+            or any(arg not in inspect.signature(getattr(_PipelineStageBase, method)).parameters
+                   for method, arg in calls.items())):
+        raise ValueError(f"gacc runs the W actions of {name} through register_custom_function, "
+                         "backward_counter and the stages' backward_weight_one_chunk(last_backward=) and "
+                         f"backward_one_chunk(full_backward=), which this torch {torch.__version__} lacks; "
+                         f"use a newer torch or a FULL_BACKWARD schedule ({FULL_BACKWARD_SCHEDULES})")
     if getattr(schedule, "_comp_type_to_function_map", None):  # private: custom functions per action type
         raise ValueError(f"gacc does not support a {name} with custom functions registered "
                          "(register_custom_function): it cannot tell what they do with the grads")
@@ -276,6 +280,13 @@ def check_schedule(schedule) -> None:
         if any(a.computation_type is pp_schedules.BACKWARD_WEIGHT for a in action.sub_actions or ()):
             raise _refuse_run(f"this {name} (a W action inside an overlapped action, which the runtime runs "
                               "past the custom function gacc registers for W)")
+
+
+def has_weight_actions(schedule) -> bool:
+    """A runtime schedule with W actions (zero-bubble): gacc runs them (_run_weight_actions)."""
+    return isinstance(schedule, pp_schedules._PipelineScheduleRuntime) and any(
+        a.computation_type is pp_schedules.BACKWARD_WEIGHT
+        for a in _actions(schedule, "pipeline_order_with_comms", split=True))
 
 
 def _actions(schedule, order: str, split: bool) -> list:
@@ -332,7 +343,7 @@ def _run_weight_actions(acc: GradAccumulator, schedule, stages: list, n: int,
     def weight_action(action, ctx) -> None:
         # what the runtime's own W action does (torch 2.14): count the stage's backwards (DDP and FSDP sync
         # at its n-th), then the stage's weight backward of the micro-batch
-        counter, i = ctx.schedule_ref.backward_counter, action.stage_index
+        counter, i = schedule.backward_counter, action.stage_index
         counter[i] += 1
         if weights is not None:
             weights.use(i, action.microbatch_index)
