@@ -143,8 +143,8 @@ class GradAccumulator:
         """One micro-step whose grads are written into p.grad by hand (`p.grad = dw`, as a pipeline's
         split weight backward does), not by autograd's accumulation, so no hook sees them:
         `with acc.grads_by_hand(): p.grad = dw`. gacc takes them into the buffer at the end of the block
-        (a finished window is refused at its start, before anything is written). A block that raises
-        after writing a grad breaks the window."""
+        (a finished window is refused at its start, before anything is written); the tensors become
+        gacc's, as autograd's grads do. A block that raises after writing a grad breaks the window."""
         with self._parts.events.capture.by_hand():
             yield
 

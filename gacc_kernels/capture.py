@@ -8,6 +8,8 @@ It hands the accumulator three events of each backward (graph task) through the 
     end    a callback queued on the engine, after every grad of the backward
 At the start, the fused_linear layers are armed where the accumulator can say in advance where their
 grads go; their grads then reach the buffer with no call back, and are counted at the end.
+A micro-step by hand (by_hand: grads written into p.grad outside autograd's accumulation, a pipeline's
+split weight backward) has the same three events, from the block's start, its grads and its end.
 A backward that raised never reaches its end: the next forward, step or zero_grad sees that and
 reports it as aborted, so the state is reset cleanly.
 """
