@@ -143,6 +143,16 @@ class GradAccumulator:
             if events.window.exit_context():
                 events.end_micro_step()
 
+    @contextlib.contextmanager
+    def grads_by_hand(self) -> Iterator[None]:
+        """One micro-step whose grads are written into p.grad by hand (`p.grad = dw`, as a pipeline's
+        split weight backward does), not by autograd's accumulation, so no hook sees them:
+        `with acc.grads_by_hand(): p.grad = dw`. gacc takes them into the buffer at the end of the block
+        (a finished window is refused at its start, before anything is written); the tensors become
+        gacc's, as autograd's grads do. A block that raises after writing a grad breaks the window."""
+        with self._parts.events.capture.by_hand():
+            yield
+
     def finish_window(self) -> None:
         """End the window now with the micro-steps done so far (an early optimizer step, the end of an
         epoch): p.grad then holds their weighted mean. optimizer.step() does this by itself."""

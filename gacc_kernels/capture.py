@@ -10,6 +10,8 @@ Under FSDP2, the hooks of FSDP's unsharded parameters also offer each whole grad
 (`unsharded_grad`: taken with gradient sync off).
 At the start, the fused_linear layers are armed where the accumulator can say in advance where their
 grads go; their grads then reach the buffer with no call back, and are counted at the end.
+A micro-step by hand (by_hand: grads written into p.grad outside autograd's accumulation, a pipeline's
+split weight backward) has the same three events, from the block's start, its grads and its end.
 A backward that raised never reaches its end: the next forward, step or zero_grad sees that and
 reports it as aborted, so the state is reset cleanly.
 """
@@ -52,6 +54,15 @@ COMPILED_AUTOGRAD = (
     "(torch._dynamo.config.compiled_autograd = False); torch.compile of the model's forward works.")
 
 
+BY_HAND = -2  # Capture.task during a micro-step by hand (graph task ids are >= 0, -1 outside any)
+
+
+def _stream(slot: Slot):
+    index = slot.buffer.cuda_index
+    # private: the raw handle of the current stream, which is what Triton launches on
+    return None if index is None else torch._C._cuda_getCurrentRawStream(index)
+
+
 class Capture:
     def __init__(self, model: torch.nn.Module, slots: list[Slot], sink: Sink):
         self.model, self.slots, self.sink = model, slots, sink
@@ -92,7 +103,7 @@ class Capture:
     def check_idle(self) -> None:
         """Outside any backward: report a backward of ours that raised before its end."""
         # private: the engine's graph task on this thread, -1 outside any backward
-        if self.task is not None and torch._C._current_graph_task_id() == -1:
+        if self.task not in (None, BY_HAND) and torch._C._current_graph_task_id() == -1:
             self._disarm()
             delivered, self.task, self.delivered = self.delivered, None, False
             self.sink.backward_aborted(delivered)
@@ -177,10 +188,7 @@ class Capture:
             self._begin(accumulated=True)
         if self._armed is not None and slot in self.routes:  # a fused layer's weight, grad through autograd
             self._disarm(slot)
-        index = slot.buffer.cuda_index
-        # private: the raw handle of the current stream, which is what Triton launches on
-        stream = None if index is None else torch._C._cuda_getCurrentRawStream(index)
-        self.sink.grad_ready(slot, g, stream)
+        self.sink.grad_ready(slot, g, _stream(slot))
         self.delivered = True
         p.grad = None
 
@@ -194,6 +202,35 @@ class Capture:
         if self.sink.unsharded_grad(slot, local_placed(g, p)):  # a tp DTensor under FSDP2 x TP
             self.delivered = True
             p.grad = None  # FSDP finds no grad: it reduces nothing
+
+    @contextlib.contextmanager
+    def by_hand(self):
+        """One micro-step whose grads code outside autograd's accumulation writes into p.grad (a pipeline's
+        split weight backward: weight.grad = dw): the start first (which refuses a finished window before
+        anything is written), the grads found in p.grad at the end. Hooks that fire inside (a full backward)
+        deliver into the same micro-step."""
+        self.check_idle()
+        if self.task is not None:
+            raise RuntimeError("a micro-step by hand cannot run inside a backward")
+        self.sink.backward_starting(lambda: True, accumulated=False)
+        self.task, self.delivered = BY_HAND, False
+        try:
+            yield
+            for slot in self.slots:
+                g = slot.param.grad
+                if g is not None:
+                    self.sink.grad_ready(slot, slot.local_grad(g) if slot.sharded else g, _stream(slot))
+                    self.delivered = True
+                    slot.param.grad = None
+        except BaseException:
+            for slot in self.slots:  # not taken: the window breaks if any grad was written
+                if slot.param.grad is not None:
+                    slot.param.grad, self.delivered = None, True
+            delivered, self.task, self.delivered = self.delivered, None, False
+            self.sink.backward_aborted(delivered)
+            raise
+        delivered, self.task, self.delivered = self.delivered, None, False
+        self.sink.backward_done(delivered)
 
     def fused_grad(self, slot: Slot, write) -> None:
         """A grad that goes straight into the slot, not through p.grad: Events.write_fused."""

@@ -8,12 +8,10 @@ float64 run of the whole model on the whole batch in one process. One spawn runs
 read its results.
 """
 import copy
-import itertools
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.pipelining import (
@@ -21,19 +19,14 @@ from torch.distributed.pipelining import (
     Schedule1F1B,
     ScheduleGPipe,
     ScheduleInterleaved1F1B,
-    ScheduleInterleavedZeroBubble,
     ScheduleLoopedBFS,
-    ScheduleZBVZeroBubble,
 )
-from torch.distributed.pipelining.schedules import BACKWARD_INPUT as I
-from torch.distributed.pipelining.schedules import BACKWARD_WEIGHT as W
-from torch.distributed.pipelining.schedules import FULL_BACKWARD as B
 
 from gacc_kernels.integrations import pipelining as gacc_pp
+from helpers.pipeline import LR, MAX_NORM, N_MB, STEPS, close, data, full_model, global_clip, loss_fn, reference, split
 from helpers.spawn import spawn
 
-WORLD, N_MB, STEPS, LR, ROWS, MAX_NORM = 2, 4, 3, 0.1, 16, 0.05
-DIMS = [8, 16, 16, 16, 4]
+WORLD = 2
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B,
              "looped_bfs": ScheduleLoopedBFS}
 MULTI = ("interleaved", "looped_bfs")
@@ -51,26 +44,6 @@ GACC_CASES = [*EXACT, CLIPPED, BF16]
 STOCK_CASES = [*EXACT, CLIPPED]
 
 
-def full_model(dtype=torch.float64) -> torch.nn.Sequential:
-    torch.manual_seed(0)
-    layers = [torch.nn.Sequential(torch.nn.Linear(a, b), torch.nn.Tanh()) for a, b in itertools.pairwise(DIMS[:-1])]
-    return torch.nn.Sequential(*layers, torch.nn.Linear(DIMS[-2], DIMS[-1])).to(dtype)
-
-
-def split(model: torch.nn.Sequential, parts: int) -> list[torch.nn.Sequential]:
-    per = len(model) // parts
-    return [torch.nn.Sequential(*model[i * per:(i + 1) * per]) for i in range(parts)]
-
-
-def data(step, o, dtype=torch.float64):
-    g = torch.Generator().manual_seed(1000 * step + o)
-    return torch.randn(ROWS, DIMS[0], generator=g).to(dtype), torch.randn(ROWS, DIMS[-1], generator=g).to(dtype)
-
-
-def loss_fn(out, target):
-    return F.mse_loss(out, target)
-
-
 def stage_indices(schedule, rank):
     """This rank's stages: one, or (looped/interleaved) rank and rank + WORLD."""
     return [rank, rank + WORLD] if schedule in MULTI else [rank]
@@ -85,17 +58,6 @@ def build(rank, schedule, scale, dtype, stock_scale=None):
                 scale_grads=scale if stock_scale is None else stock_scale)
     opt = torch.optim.SGD([p for i in indices for p in parts[i].parameters()], lr=LR)
     return indices, parts, sched, opt
-
-
-def global_clip(params, group=None):
-    """Stock: clip by the norm over all ranks' parameters, in the grads' dtype."""
-    sq = torch.stack([p.grad.double().square().sum() for p in params]).sum().reshape(1)
-    dist.all_reduce(sq, group=group)
-    norm = sq.sqrt()
-    coef = min(1.0, MAX_NORM / (float(norm) + 1e-6))
-    for p in params:
-        p.grad.mul_(coef)
-    return norm
 
 
 def run(rank, schedule, scale, outer, dtype, clip, use_gacc, stock_scale=None, divide=False):
@@ -162,25 +124,27 @@ def refusals(rank):
         opt = torch.optim.SGD([p for i in indices for p in parts[i].parameters()], lr=LR)
         return cls(stages, n_microbatches=N_MB, loss_fn=loss_fn), opt
 
-    attempt("zero_bubble", lambda: gacc_pp.attach(*multi(ScheduleInterleavedZeroBubble, [rank, rank + 2]),
-                                                  outer=1))
-    attempt("zbv", lambda: gacc_pp.attach(*multi(ScheduleZBVZeroBubble, [rank, 3 - rank])))
-    _, _, sched, opt = build(rank, "interleaved", True, torch.float32)  # its actions, split by hand
-    order = sched.pipeline_order[rank]
-    b = next(i for i, a in enumerate(order) if a is not None and a.computation_type == B)
-    order[b:b + 1] = [order[b]._replace(computation_type=I), order[b]._replace(computation_type=W)]
-    attempt("split_actions", lambda: gacc_pp.attach(sched, opt))
     _, _, sched, opt = build(rank, "gpipe", True, torch.float32)
     attempt("scaler", lambda: gacc_pp.attach(sched, opt, scaler=torch.amp.GradScaler("cpu")))
-    attempt("mean", lambda: gacc_pp.attach(sched, opt, reduction="mean"))
+    attempt("reduction", lambda: gacc_pp.attach(sched, opt, reduction="max"))
+    summed = gacc_pp.attach(sched, opt)
+    attempt("weights_with_sum", lambda: gacc_pp.set_micro_batch_weights(summed, [1.0] * N_MB))
+    summed.remove()
+    mean = gacc_pp.attach(sched, opt, reduction="mean")
+    attempt("weights_count", lambda: gacc_pp.set_micro_batch_weights(mean, [1.0] * (N_MB + 1)))
+    mean.remove()
     attempt("steps", lambda: gacc_pp.attach(sched, opt, steps=4))
     attempt("outer", lambda: gacc_pp.attach(sched, opt, outer=0))
     got["untouched"] = sched.scale_grads is True
     attempt("attach_after", lambda: gacc_pp.attach(sched, opt).remove())
-    ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(16, 16))  # the same shapes on every rank
-    stage = PipelineStage(ddp, rank, WORLD, torch.device("cpu"))
-    attempt("ddp", lambda: gacc_pp.attach(ScheduleGPipe(stage, N_MB, loss_fn=loss_fn),
-                                          torch.optim.SGD(ddp.parameters(), lr=LR)))
+    ddps = [torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(16, 16)) for _ in range(2)]
+    stages = [PipelineStage(d, i, 2 * WORLD, torch.device("cpu")) for d, i in zip(ddps, (rank, rank + WORLD))]
+    attempt("ddp_chunks", lambda: gacc_pp.attach(ScheduleInterleaved1F1B(stages, N_MB, loss_fn=loss_fn),
+                                                 torch.optim.SGD([*ddps[0].parameters(), *ddps[1].parameters()])))
+    inner = torch.nn.Sequential(torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(16, 16)))
+    stage = PipelineStage(inner, rank, WORLD, torch.device("cpu"))
+    attempt("ddp_inside", lambda: gacc_pp.attach(ScheduleGPipe(stage, N_MB, loss_fn=loss_fn),
+                                                 torch.optim.SGD(inner.parameters(), lr=LR)))
     sharded = fully_shard(torch.nn.Linear(16, 16), mesh=init_device_mesh("cpu", (WORLD,)))
     stage = PipelineStage(sharded, rank, WORLD, torch.device("cpu"))
     attempt("fsdp", lambda: gacc_pp.attach(Schedule1F1B(stage, N_MB, loss_fn=loss_fn),
@@ -230,34 +194,6 @@ def _train(rank, path):
     dist.destroy_process_group()
 
 
-def reference(scale, outer, clip=False, rescale=False):
-    """float64, one process, the whole model on the whole batch: each step's grads, and the parameters
-    after the steps. rescale: stock's scale_grads with outer > 1 (the earlier step()s divided again)."""
-    model = full_model()
-    params = list(model.parameters())
-    out = {"grads": [], "norms": []}
-    for step in range(STEPS):
-        total = [torch.zeros_like(p) for p in params]
-        for o in range(outer):
-            x, y = data(step, o)
-            for m in range(N_MB):
-                rows = slice(m * ROWS // N_MB, (m + 1) * ROWS // N_MB)
-                gs = torch.autograd.grad(loss_fn(model(x[rows]), y[rows]), params)
-                total = [t + g / (N_MB if scale and not rescale else 1) for t, g in zip(total, gs)]
-            if rescale:
-                total = [t / N_MB for t in total]
-        if clip:
-            norm = torch.stack([g.norm() for g in total]).norm()
-            out["norms"].append(norm)
-            total = [g * min(1.0, MAX_NORM / (float(norm) + 1e-6)) for g in total]
-        out["grads"].append(total)
-        with torch.no_grad():
-            for p, g in zip(params, total):
-                p -= LR * g
-    out["params"] = [p.detach().clone() for p in params]
-    return out
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("pipelining") / "out")
@@ -276,13 +212,6 @@ def merged(ranks, key, c, field):
         by_stage = {i: v for run_ in runs for i, v in run_[field][s].items()}
         steps.append([t for i in sorted(by_stage) for t in by_stage[i]])
     return steps
-
-
-def close(got, expected, rtol, atol, what):
-    assert len(got) == len(expected), what
-    for j, (g, e) in enumerate(zip(got, expected)):
-        torch.testing.assert_close(g.double(), e.double(), rtol=rtol, atol=atol,
-                                   msg=lambda m, j=j: f"{what}, parameter {j}: {m}")
 
 
 @pytest.mark.parametrize("c", EXACT, ids=lambda c: "-".join(map(str, c[:3])))
@@ -343,15 +272,15 @@ def test_bf16_sums_each_micro_batch_grad_in_fp32(results):
 def test_refusals(results):
     for r in results:
         got = r["refusals"]
-        assert "ScheduleInterleavedZeroBubble" in got["zero_bubble"] and "FULL_BACKWARD" in got["zero_bubble"]
-        assert "ScheduleZBVZeroBubble" in got["zbv"]
-        assert "this ScheduleInterleaved1F1B: it splits each backward" in got["split_actions"]
         assert "GradScaler" in got["scaler"]
-        assert "scale_grads" in got["mean"]
+        assert "'sum' (the schedule's scale_grads) or 'mean' (token weights)" in got["reduction"]
+        assert 'reduction="mean"' in got["weights_with_sum"]
+        assert f"got {N_MB + 1} weights for {N_MB} micro-batches" in got["weights_count"]
         assert "read from the schedule" in got["steps"]
         assert got["outer"] is not None
         assert got["untouched"] and got["attach_after"] is None, "a refused attach changes nothing"
-        assert "DistributedDataParallel" in got["ddp"] and "not support" in got["ddp"]
+        assert "DistributedDataParallel with several stages on this rank" in got["ddp_chunks"]
+        assert "DistributedDataParallel inside it" in got["ddp_inside"]
         assert "FSDP" in got["fsdp"] and "not support" in got["fsdp"]
 
 
