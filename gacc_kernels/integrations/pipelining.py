@@ -44,6 +44,10 @@ What it translates (torch 2.14's pipelining):
   micro-batches of every step() and the data-parallel ranks of a DDP stage, whatever scale_grads says.
   Each count is set on the accumulator before the backward that delivers that micro-batch's grads (a
   stage's `backward_one_chunk` with full_backward=True, wrapped while attached, or gacc's W action).
+- FSDP2 (fully_shard) in a stage, FULL_BACKWARD schedules: the stage runs every micro-batch with FSDP's
+  gradient sync off, so gacc's FSDP2 no-sync mode takes the window (fp32 sums of the unsharded grads, one
+  reduce-scatter per bucket when the window closes); the schedule's REDUCE_GRAD post-backward then finds
+  nothing left to reduce.
 - One accumulator per rank. With one stage on the rank gacc attaches to its `stage.submod`; with several
   (interleaved and looped schedules, one optimizer over all chunks) to a container module holding the
   chunks (`acc.model`, parameters named `stage<i>.<name>`), whose forward hooks are run at each chunk's
@@ -61,8 +65,8 @@ Refused at attach, with what to do:
   `dw_builder`, schedules with no loss_fn (no backward), and `fuse_linear=True` with I/W actions (not
   tried yet).
 - DistributedDataParallel with several stages on a rank, or inside a stage's submodule (not the whole of
-  it); FSDP (fully_shard, replicate) in a stage: the schedule turns gradient sync off and runs the
-  post-backward itself, which needs FSDP2's no-sync mode in gacc (not yet).
+  it); FSDP1 and `replicate` in a stage; FSDP2 (fully_shard) with a zero-bubble schedule (its W action
+  writes the unsharded weights' grads by hand, past gacc's hooks on them).
 - `scaler=` (a GradScaler's found_inf must be agreed over the stages, which gacc's public API cannot do
   yet; bf16 needs no scaler), `process_group=` / `comm_dtype=` (data parallel across pipelines without
   DDP: not yet), `steps=` and `window_end=` (read from the schedule).
@@ -127,14 +131,14 @@ def attach(schedule, optimizer, outer: int = 1, **kwargs) -> GradAccumulator:
             raise RuntimeError("gacc is already attached to a stage of this schedule; call acc.remove() "
                                "first")
     check_schedule(schedule)
+    split = has_weight_actions(schedule)
     for stage in stages:
-        check_stage(stage, several=len(stages) > 1)
+        check_stage(stage, several=len(stages) > 1, split=split)
     n = int(schedule._n_microbatches)  # private: the schedule's micro-batch count
     # "sum": the schedule's 1/n (scale_grads) in gacc's pass; "mean": the weights' total divides, which
     # counts each micro-batch once per stage on the rank, while a parameter gets it from its own stage
     scale = (n if schedule.scale_grads else 1) if reduction == "sum" else 1 / len(stages)
     model = modules[0] if len(modules) == 1 else _Chunks(stages)
-    split = has_weight_actions(schedule)
     if split and kwargs.get("fuse_linear"):
         raise ValueError("fuse_linear=True with a schedule that splits backward into I and W actions has not "
                          "been tried yet; leave fuse_linear off (the default)")
@@ -301,7 +305,7 @@ def _actions(schedule, order: str, split: bool) -> list:
     return found
 
 
-def check_stage(stage, several: bool) -> None:
+def check_stage(stage, several: bool, split: bool) -> None:
     if not isinstance(stage, _PipelineStageBase):
         raise TypeError(f"the schedule's stage is a {type(stage).__name__}, not a pipelining stage")
     if stage.dw_builder is not None:
@@ -320,13 +324,14 @@ def check_stage(stage, several: bool) -> None:
             raise ValueError(f"gacc keeps DDP's reducer off through the stage's backward_maybe_with_nosync("
                              f"last_backward=), which this torch {torch.__version__} lacks; use stock "
                              "pipelining with DDP")
-        if isinstance(m, FSDPModule) or type(m).__name__ == "FullyShardedDataParallel":
+        fsdp = isinstance(m, FSDPModule) or type(m).__name__ == "FullyShardedDataParallel"
+        if fsdp and (split or type(m).__name__ in ("FullyShardedDataParallel", "ReplicateModule")):
             raise ValueError(
-                f"stage {stage.stage_index}'s submodule is sharded with FSDP (fully_shard or replicate), "
-                "which gacc does not support under pipelining yet: the schedule turns FSDP's gradient "
-                "sync off and runs its post-backward itself, which needs gacc's FSDP2 no-sync mode (not "
-                "built yet). Use gacc on a stage without FSDP, DDP as the stage's submodule, or stock "
-                "pipelining with FSDP")
+                f"stage {stage.stage_index}'s submodule holds {type(m).__name__}, which gacc does not support "
+                "under pipelining yet: FSDP2 (fully_shard) works in FULL_BACKWARD schedules "
+                f"({FULL_BACKWARD_SCHEDULES}), whose micro-batches run with gradient sync off (gacc's FSDP2 "
+                "no-sync mode); a zero-bubble W action writes the unsharded weights' grads by hand, past "
+                "gacc's hooks on them. Use a FULL_BACKWARD schedule, or stock pipelining")
 
 
 # -- zero-bubble: the W actions through gacc -------------------------------------------------------

@@ -19,6 +19,7 @@ from torch.distributed.pipelining import (
     Schedule1F1B,
     ScheduleGPipe,
     ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
     ScheduleLoopedBFS,
 )
 
@@ -147,7 +148,7 @@ def refusals(rank):
                                                  torch.optim.SGD(inner.parameters(), lr=LR)))
     sharded = fully_shard(torch.nn.Linear(16, 16), mesh=init_device_mesh("cpu", (WORLD,)))
     stage = PipelineStage(sharded, rank, WORLD, torch.device("cpu"))
-    attempt("fsdp", lambda: gacc_pp.attach(Schedule1F1B(stage, N_MB, loss_fn=loss_fn),
+    attempt("fsdp", lambda: gacc_pp.attach(ScheduleInterleavedZeroBubble([stage], N_MB, loss_fn=loss_fn),
                                            torch.optim.SGD(sharded.parameters(), lr=LR)))
     return got
 
@@ -281,7 +282,7 @@ def test_refusals(results):
         assert got["untouched"] and got["attach_after"] is None, "a refused attach changes nothing"
         assert "DistributedDataParallel with several stages on this rank" in got["ddp_chunks"]
         assert "DistributedDataParallel inside it" in got["ddp_inside"]
-        assert "FSDP" in got["fsdp"] and "not support" in got["fsdp"]
+        assert "FSDP2 (fully_shard) works in FULL_BACKWARD schedules" in got["fsdp"]  # not zero-bubble
 
 
 def test_several_stages_on_a_rank_run_the_accumulators_forward_hooks(results):
