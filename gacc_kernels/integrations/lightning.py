@@ -18,8 +18,9 @@ What the callback translates (Lightning 2.x, automatic optimization):
   gacc/trace; see gacc_kernels.stats).
 - The window in progress is saved with the checkpoint (the callback's state) and restored at fit start.
 Refused: manual optimization, several optimizers, strategies that accumulate themselves (DeepSpeed),
-FSDPStrategy (FSDP1) and ModelParallelStrategy (not tried yet; Fabric's is supported), and a checkpoint
-taken mid-window on more than one process (each rank's partial sums differ).
+FSDPStrategy (FSDP1; ModelParallelStrategy with fully_shard, FSDP2, works: Lightning's no-sync context
+turns FSDP's gradient sync off and the core's FSDP2 no-sync mode takes each window), and a checkpoint taken
+mid-window on more than one process (each rank's partial sums differ).
 """
 from __future__ import annotations
 
@@ -31,9 +32,7 @@ import torch
 from ..accumulator import GradAccumulator
 from ..attaching import attach
 
-# FSDP2 under the Trainer's ModelParallelStrategy would take the core's FSDP2 paths, but its launcher re-runs
-# the script and it was not tested; FSDPStrategy is FSDP1
-_NOT_TRIED = ("ModelParallelStrategy", "FSDPStrategy")
+_FSDP1 = "FSDPStrategy"
 
 
 class GaccCallback(pl.Callback):
@@ -52,11 +51,10 @@ class GaccCallback(pl.Callback):
         if getattr(trainer.strategy, "handles_gradient_accumulation", False):
             raise RuntimeError(f"the {type(trainer.strategy).__name__} strategy accumulates gradients "
                                "itself; remove GaccCallback")
-        if type(trainer.strategy).__name__ in _NOT_TRIED:
-            raise RuntimeError(f"GaccCallback has not been tried under Lightning's "
-                               f"{type(trainer.strategy).__name__} yet: use strategy='ddp', or Lightning "
-                               "Fabric's ModelParallelStrategy with gacc_kernels.integrations.fabric (FSDP2, "
-                               "tested); FSDP1 (FSDPStrategy) shards the grads before gacc could see them")
+        if type(trainer.strategy).__name__ == _FSDP1:
+            raise RuntimeError(f"GaccCallback does not run under Lightning's {_FSDP1} (FSDP1), which shards "
+                               "the grads before gacc could see them: use ModelParallelStrategy with "
+                               "fully_shard in configure_model (FSDP2), or strategy='ddp'")
         k = trainer.accumulate_grad_batches
         acc = self.acc = attach(trainer.strategy.model, trainer.optimizers[0], steps=k,
                                 scaler=getattr(trainer.precision_plugin, "scaler", None), loss_scale=1.0 / k,

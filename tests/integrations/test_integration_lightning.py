@@ -329,8 +329,8 @@ def test_grad_stats_go_to_the_logger():
     assert all(m["gacc/trace"] > 0 for m in logged[:3])
 
 
-@pytest.mark.parametrize("strategy", ["ModelParallelStrategy", "FSDPStrategy"])
-def test_fsdp_strategies_are_refused_naming_what_to_use(strategy):
+@pytest.mark.parametrize("strategy", ["FSDPStrategy"])
+def test_fsdp1_strategy_is_refused_naming_what_to_use(strategy):
     import types
 
     from lightning.pytorch import strategies
@@ -339,4 +339,51 @@ def test_fsdp_strategies_are_refused_naming_what_to_use(strategy):
     module = types.SimpleNamespace(automatic_optimization=True)
     with pytest.raises(RuntimeError, match=f"Lightning's {strategy}") as info:
         GaccCallback()._attach(trainer, module)
-    assert "Fabric's ModelParallelStrategy" in str(info.value)
+    assert "ModelParallelStrategy" in str(info.value)
+
+
+class ShardedModule(Module):
+    """FSDP2 through ModelParallelStrategy's configure_model; the grads as whole tensors."""
+
+    def configure_model(self):
+        from torch.distributed.fsdp import fully_shard
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.net.modules():
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
+    def on_before_optimizer_step(self, optimizer):
+        self.seen.append([(p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).double().clone()
+                          for p in self.parameters()])
+
+
+def _model_parallel(rank, use_gacc, out):
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    torch.manual_seed(0)
+    module = ShardedModule(MLP())
+    trainer = pl.Trainer(max_epochs=1, accumulate_grad_batches=3, callbacks=[GaccCallback()] if use_gacc else [],
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu", devices=2,
+                         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))
+    trainer.fit(module, torch.utils.data.DataLoader(micro_batches(), batch_size=None, shuffle=False))
+    torch.save(module.seen, f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_model_parallel_strategy_fsdp2_matches_lightnings_own_run(tmp_path):
+    """ModelParallelStrategy with fully_shard on two gloo processes (ours: Lightning sees LOCAL_RANK and
+    launches nothing), K=3: Lightning's no-sync context turns FSDP's gradient sync off, and gacc's FSDP2
+    no-sync mode takes each window. Each rank gets 5 micro-batches: a window of 3, then a short one of 2.
+    The full window is Lightning's own FSDP2 result; the short one is it times 3/2, as documented: Lightning
+    divides every loss by K, gacc gives the mean over the micro-batches run."""
+    from helpers.spawn import spawn
+    spawn(_model_parallel, 2, True, str(tmp_path / "gacc"))
+    spawn(_model_parallel, 2, False, str(tmp_path / "stock"))
+    for rank in range(2):
+        gacc, stock = torch.load(f"{tmp_path}/gacc.{rank}"), torch.load(f"{tmp_path}/stock.{rank}")
+        assert len(gacc) == len(stock) == 2
+        for x, y in zip(gacc[0], stock[0]):
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7, msg="the full window")
+        for x, y in zip(gacc[1], stock[1]):
+            torch.testing.assert_close(x, y * 3 / 2, rtol=1e-5, atol=1e-7, msg="the short window")
