@@ -13,6 +13,7 @@ import contextlib
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from torch.amp.grad_scaler import OptState
 
 from .patch import plain_copies, set_attr
@@ -21,11 +22,13 @@ from .patch import plain_copies, set_attr
 class ScalerBridge:
     def __init__(self, scaler: torch.amp.GradScaler, optimizers: list[torch.optim.Optimizer],
                  found_infs: Callable[[torch.optim.Optimizer], dict[torch.device, torch.Tensor]],
-                 stepped: Callable[[], None], manages: Callable[[torch.optim.Optimizer], bool]):
+                 stepped: Callable[[], None], manages: Callable[[torch.optim.Optimizer], bool], group=None):
         """found_infs(opt) finalizes a pending window and returns the found_inf of opt's parameters per
-        device; stepped() marks the window stepped; manages(opt): opt steps parameters gacc manages."""
+        device; stepped() marks the window stepped; manages(opt): opt steps parameters gacc manages;
+        group: the ranks holding the model's other parameters, over which found_inf is agreed at unscale
+        (pipeline stages: outside the schedule, where a collective cannot cross its sends)."""
         self.scaler, self.optimizers = scaler, optimizers
-        self.found_infs, self.stepped, self.manages = found_infs, stepped, manages
+        self.found_infs, self.stepped, self.manages, self.group = found_infs, stepped, manages, group
 
     def install(self, undo: contextlib.ExitStack) -> None:
         set_attr(self.scaler, "unscale_", self.unscale_, undo)
@@ -58,6 +61,9 @@ class ScalerBridge:
         if not scaler.is_enabled():
             return
         found = self.found_infs(optimizer)
+        if self.group is not None:
+            for flag in found.values():
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         # private: GradScaler's per-optimizer state, as its own unscale_ writes it
         state = scaler._per_optimizer_states[id(optimizer)]
         if state["stage"] is OptState.UNSCALED:

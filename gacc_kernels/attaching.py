@@ -31,9 +31,11 @@ def attach(model: torch.nn.Module, optimizer, steps: int, scaler=None,
            reduction: str = "sum", loss_scale: float = 1.0, window_end=None,
            bucket_bytes: int = 128 << 20, process_group=None,
            comm_dtype: torch.dtype = torch.float32, fuse_linear: bool = False, grad_stats: bool = False,
-           stats_beta: float = 0.95) -> GradAccumulator:
+           stats_beta: float = 0.95, scaler_group=None) -> GradAccumulator:
     """Accumulate `steps` micro-steps of gradients in fp32 before each optimizer step. `optimizer`: the
-    torch optimizer, or a list of them (a body and a head, Muon and AdamW). See GradAccumulator."""
+    torch optimizer, or a list of them (a body and a head, Muon and AdamW). `scaler_group`: the ranks that
+    hold the model's other parameters (pipeline stages), over which the GradScaler's found_inf is agreed
+    at unscale, so that every one skips the same steps. See GradAccumulator."""
     check_steps(steps)
     loss_scale = float(loss_scale)
     optimizers = guards.optimizers_of(optimizer)
@@ -107,7 +109,7 @@ def attach(model: torch.nn.Module, optimizer, steps: int, scaler=None,
         if scaler is not None:
             bridge = ScalerBridge(scaler, optimizers,
                                   lambda opt: events.found_infs(stepping.slots_of[id(opt)]),
-                                  window.stepped, stepping.steps_managed)
+                                  window.stepped, stepping.steps_managed, scaler_group)
             finalizer.use_scaler(bridge)
             bridge.install(undo)
         undo.callback(ATTACHED.pop, model, None)

@@ -56,6 +56,11 @@ What it translates (torch 2.14's pipelining):
   fp32 norm from gacc's fused pass, the squares all-reduced over `group`, by default the stages' process
   group), then gacc's fp32 clip of p.grad and p.main_grad by that norm. `torch.nn.utils.clip_grad_norm_`
   over a rank's parameters clips by that rank's norm only, as in stock torch.
+- A GradScaler: `attach(schedule, opt, scaler=scaler)` on every rank, the loss_fn returning
+  `scaler.scale(loss)` on the last stage, `scaler.step(opt)` and `scaler.update()` on every rank. gacc makes
+  the scale on the stages that never scale a loss (the same init_scale everywhere), unscales in its fused
+  pass, and agrees found_inf over the stages (and a DDP stage's ranks) at unscale, outside the schedule:
+  every stage skips the same steps and the scales stay equal.
 - kwargs to the core's attach: `loss_scale=c` (the loss_fn multiplies each micro-batch's loss by c;
   combined with the schedule's scaling), `bucket_bytes`, `fuse_linear`.
 
@@ -67,8 +72,7 @@ Refused at attach, with what to do:
 - DistributedDataParallel with several stages on a rank, or inside a stage's submodule (not the whole of
   it); FSDP1 and `replicate` in a stage; FSDP2 (fully_shard) with a zero-bubble schedule (its W action
   writes the unsharded weights' grads by hand, past gacc's hooks on them).
-- `scaler=` (a GradScaler's found_inf must be agreed over the stages, which gacc's public API cannot do
-  yet; bf16 needs no scaler), `process_group=` / `comm_dtype=` (data parallel across pipelines without
+- `process_group=` / `comm_dtype=` (data parallel across pipelines without
   DDP: not yet), `steps=` and `window_end=` (read from the schedule).
 """
 from __future__ import annotations
@@ -90,12 +94,10 @@ from ..attaching import attach as attach_core
 FULL_BACKWARD_SCHEDULES = "ScheduleGPipe, Schedule1F1B, ScheduleInterleaved1F1B or ScheduleLoopedBFS"
 SCHEDULES = (f"{FULL_BACKWARD_SCHEDULES}, or a zero-bubble schedule (ScheduleInterleavedZeroBubble, "
              "ScheduleZBVZeroBubble, ScheduleDualPipeV)")
-_PASSED = ("loss_scale", "bucket_bytes", "fuse_linear")
+_PASSED = ("loss_scale", "bucket_bytes", "fuse_linear", "scaler")
 _REFUSED_KWARGS = {
     "steps": "the window is read from the schedule (n_microbatches x stages on this rank x outer)",
     "window_end": "the window is read from the schedule (n_microbatches x stages on this rank x outer)",
-    "scaler": ("a GradScaler with pipelining is not supported yet: its found_inf must be agreed over all "
-               "stages, which gacc's public API cannot do; train in bf16 (no scaler needed)"),
     "process_group": "data parallel across pipelines is not supported yet with pipelining",
     "comm_dtype": "data parallel across pipelines is not supported yet with pipelining",
 }
@@ -142,6 +144,11 @@ def attach(schedule, optimizer, outer: int = 1, **kwargs) -> GradAccumulator:
     if split and kwargs.get("fuse_linear"):
         raise ValueError("fuse_linear=True with a schedule that splits backward into I and W actions has not "
                          "been tried yet; leave fuse_linear off (the default)")
+    scaler = kwargs.get("scaler")
+    if scaler is not None:  # found_inf agreed over the stages at unscale; the scale made on every stage
+        kwargs["scaler_group"] = stages[0].group or dist.group.WORLD
+        if scaler.is_enabled():
+            scaler.scale(torch.zeros((), device=stages[0].device))  # the loss is scaled on the last only
     acc = attach_core(model, optimizer, steps=n * len(stages) * outer, loss_scale=loss_scale * scale,
                       reduction=reduction, **kwargs)
     try:

@@ -126,7 +126,6 @@ def refusals(rank):
         return cls(stages, n_microbatches=N_MB, loss_fn=loss_fn), opt
 
     _, _, sched, opt = build(rank, "gpipe", True, torch.float32)
-    attempt("scaler", lambda: gacc_pp.attach(sched, opt, scaler=torch.amp.GradScaler("cpu")))
     attempt("reduction", lambda: gacc_pp.attach(sched, opt, reduction="max"))
     summed = gacc_pp.attach(sched, opt)
     attempt("weights_with_sum", lambda: gacc_pp.set_micro_batch_weights(summed, [1.0] * N_MB))
@@ -151,6 +150,33 @@ def refusals(rank):
     attempt("fsdp", lambda: gacc_pp.attach(ScheduleInterleavedZeroBubble([stage], N_MB, loss_fn=loss_fn),
                                            torch.optim.SGD(sharded.parameters(), lr=LR)))
     return got
+
+
+def with_scaler(rank):
+    """GPipe, 2 stages, a GradScaler (init_scale 4): the last stage's loss_fn scales the loss. At step 1 an
+    inf reaches only the last stage's grads (a hook on one of its weights): both stages must skip."""
+    parts = split(full_model(torch.float32), WORLD)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    stage = PipelineStage(parts[rank], rank, WORLD, torch.device("cpu"))
+    sched = ScheduleGPipe(stage, n_microbatches=N_MB, loss_fn=lambda out, y: scaler.scale(loss_fn(out, y)))
+    opt = torch.optim.SGD(parts[rank].parameters(), lr=LR)
+    inf = {"on": False}
+    if rank == WORLD - 1:
+        next(parts[rank].parameters()).register_hook(lambda g: g * float("inf") if inf["on"] else g)
+    acc = gacc_pp.attach(sched, opt, scaler=scaler)
+    out = {"grads": [], "params": [], "scales": []}
+    opt.register_step_pre_hook(lambda *_: out["grads"].append([p.grad.clone() for p in parts[rank].parameters()]))
+    for step in range(2):
+        inf["on"] = step == 1
+        x, y = data(step, 0, torch.float32)
+        sched.step(*((x,) if rank == 0 else ()), target=y if rank == WORLD - 1 else None)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        out["params"].append([p.detach().clone() for p in parts[rank].parameters()])
+        out["scales"].append(scaler.get_scale())
+    acc.remove()
+    return out
 
 
 def chunks_forwarding(rank):
@@ -189,6 +215,7 @@ def _train(rank, path):
                                   divide=intended)
     results["stock_rescaled"] = run(rank, "gpipe", True, 2, "float32", False, use_gacc=False)
     results["refusals"] = refusals(rank)
+    results["scaler"] = with_scaler(rank)
     results["forwarding"] = chunks_forwarding(rank)
     torch.save(results, f"{path}.{rank}")
     dist.barrier()
@@ -273,7 +300,6 @@ def test_bf16_sums_each_micro_batch_grad_in_fp32(results):
 def test_refusals(results):
     for r in results:
         got = r["refusals"]
-        assert "GradScaler" in got["scaler"]
         assert "'sum' (the schedule's scale_grads) or 'mean' (token weights)" in got["reduction"]
         assert 'reduction="mean"' in got["weights_with_sum"]
         assert f"got {N_MB + 1} weights for {N_MB} micro-batches" in got["weights_count"]
@@ -283,6 +309,16 @@ def test_refusals(results):
         assert "DistributedDataParallel with several stages on this rank" in got["ddp_chunks"]
         assert "DistributedDataParallel inside it" in got["ddp_inside"]
         assert "FSDP2 (fully_shard) works in FULL_BACKWARD schedules" in got["fsdp"]  # not zero-bubble
+
+
+def test_grad_scaler_unscales_and_every_stage_skips_the_same_step(results):
+    ref = reference(True, 1)
+    got = [r["scaler"] for r in results]
+    close([t for r in got for t in r["grads"][0]], ref["grads"][0], 1e-5, 1e-7, "step 0, unscaled")
+    assert len(got[0]["grads"]) == 1, "the inf step skipped the optimizer"
+    for rank, r in enumerate(got):  # stage 0's grads were finite: it skips because the stages agree
+        close(r["params"][1], r["params"][0], 0, 0, f"rank {rank}: parameters unchanged by the inf step")
+        assert r["scales"] == [4.0, 2.0], f"rank {rank}: {r['scales']}"
 
 
 def test_several_stages_on_a_rank_run_the_accumulators_forward_hooks(results):
