@@ -7,6 +7,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import gacc_kernels
+from helpers.sharded import assert_grads_and_norm, weighted_mean
 from helpers.spawn import spawn
 
 K, WORLD = 3, 4
@@ -76,17 +77,8 @@ def _train(rank, results):
 
 def reference(mode):
     torch.manual_seed(0)
-    model = net().double()
-    params = list(model.parameters())
-    total, wsum = [torch.zeros_like(p) for p in params], 0.0
-    for rank in range(WORLD):
-        for k in range(K):
-            x, y = data(rank, mode, k)
-            w = weight_of(mode, rank, k)
-            for t, g in zip(total, torch.autograd.grad(F.mse_loss(model(x.double()), y.double()), params)):
-                t += w * g
-            wsum += w
-    return [t / wsum for t in total]
+    return weighted_mean(net(), [(*data(r, mode, k), weight_of(mode, r, k)) for r in range(WORLD)
+                                 for k in range(K)])
 
 
 def test_hsdp_against_float64(tmp_path):
@@ -95,12 +87,8 @@ def test_hsdp_against_float64(tmp_path):
     spawn(_train, WORLD, results)
     for mode in MODES:
         expected = reference(mode)
-        norm = torch.stack([g.norm() for g in expected]).norm()
         for rank in range(WORLD):
             got = torch.load(f"{results}.{rank}")[mode]
-            for j, (g, e) in enumerate(zip(got["grads"], expected)):
-                torch.testing.assert_close(g.double(), e, rtol=1e-5, atol=1e-7,
-                                           msg=lambda m, w=f"{mode}, rank {rank}, parameter {j}": f"{w}: {m}")
-            torch.testing.assert_close(got["norm"].double(), norm, rtol=1e-5, atol=0)
+            assert_grads_and_norm(got, expected, f"{mode}, rank {rank}")
             if mode != "sync":  # gacc's one all-reduce of the window's fp32 shards over the replicas
                 assert got["replica_all_reduces"] == 1, f"{mode}: {got['replica_all_reduces']} all-reduces"

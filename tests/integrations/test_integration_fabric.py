@@ -220,21 +220,6 @@ def test_fabric_attach_leaves_the_users_module_plain():
 DDP_CASES = [(divide, clip) for divide in (False, True) for clip in (None, MAX_NORM)]
 
 
-def _ddp_worker(rank, net, results):
-    fabric = Fabric(accelerator="cpu", devices=WORLD, strategy="ddp")
-    fabric.launch()  # the processes are ours (LOCAL_RANK is set): this initializes the gloo group
-    out = {}
-    for divide, clip in DDP_CASES:
-        for gacc in (False, True):
-            model, optimizer = setup(fabric, copy.deepcopy(net))
-            acc = gacc_fabric.attach(fabric, model, optimizer, steps=K) if gacc else None
-            out[divide, clip, gacc] = fabric_loop(fabric, model, optimizer, rank_batches(rank), divide, clip)
-            if acc is not None:
-                acc.remove()
-    torch.save(out, f"{results}.{rank}")
-    torch.distributed.destroy_process_group()
-
-
 def fsdp2(model, mesh):
     from torch.distributed.fsdp import fully_shard
     for layer in model.modules():
@@ -243,15 +228,21 @@ def fsdp2(model, mesh):
     return fully_shard(model, mesh=mesh["data_parallel"])
 
 
-def _fsdp2_worker(rank, net, results):
-    fabric = Fabric(accelerator="cpu", devices=WORLD,
-                    strategy=ModelParallelStrategy(fsdp2, data_parallel_size=WORLD, tensor_parallel_size=1))
-    fabric.launch()
+def _dp_worker(rank, net, results, strategy):
+    if strategy == "ddp":
+        fabric = Fabric(accelerator="cpu", devices=WORLD, strategy="ddp")
+    else:
+        fabric = Fabric(accelerator="cpu", devices=WORLD,
+                        strategy=ModelParallelStrategy(fsdp2, data_parallel_size=WORLD, tensor_parallel_size=1))
+    fabric.launch()  # the processes are ours (LOCAL_RANK is set): this initializes the gloo group
     out = {}
     for divide, clip in DDP_CASES:
         for gacc in (False, True):
-            model = fabric.setup_module(copy.deepcopy(net))  # sharded: the optimizer comes after
-            optimizer = fabric.setup_optimizers(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
+            if strategy == "ddp":
+                model, optimizer = setup(fabric, copy.deepcopy(net))
+            else:  # sharded by setup_module: the optimizer comes after
+                model = fabric.setup_module(copy.deepcopy(net))
+                optimizer = fabric.setup_optimizers(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
             acc = gacc_fabric.attach(fabric, model, optimizer, steps=K) if gacc else None
             out[divide, clip, gacc] = fabric_loop(fabric, model, optimizer, rank_batches(rank), divide, clip)
             if acc is not None:
@@ -260,44 +251,29 @@ def _fsdp2_worker(rank, net, results):
     torch.distributed.destroy_process_group()
 
 
-def test_fabric_fsdp2_matches_fabric_stock_fsdp2(tmp_path):
-    """ModelParallelStrategy with fully_shard on two gloo processes: no_backward_sync turns FSDP's gradient
-    sync off, so gacc sums the unsharded grads and reduce-scatters each window once; the same grads as
-    Fabric's stock FSDP2 run and the float64 large-batch run."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_fabric_data_parallel_matches_fabric_stock(tmp_path, strategy):
+    """Two gloo processes, Fabric's loop with no_backward_sync and a short last window, with and without / K
+    and the clip. strategy="ddp": gacc finds the DDP wrapper inside the Fabric module and keeps its reducer
+    off (else the grads would be all zeros). ModelParallelStrategy with fully_shard ("fsdp2"):
+    no_backward_sync turns FSDP's gradient sync off, and gacc's FSDP2 no-sync mode takes each window. The
+    optimizer's grads are Fabric's own run's, and within fp32 rounding of the float64 large-batch run of
+    both ranks' micro-batches."""
     net = MLP()
     results = str(tmp_path / "rank")
-    spawn(_fsdp2_worker, WORLD, copy.deepcopy(net), results)
+    spawn(_dp_worker, WORLD, copy.deepcopy(net), results, strategy)
     ranks = [torch.load(f"{results}.{r}") for r in range(WORLD)]
     per_rank = [rank_batches(r) for r in range(WORLD)]
     for divide, clip in DDP_CASES:
         big = large_batch_run(copy.deepcopy(net), per_rank, divide, clip)
         for rank, out in enumerate(ranks):
             gacc, stock = out[divide, clip, True], out[divide, clip, False]
-            case = f"rank {rank}, divide={divide}, clip={clip}"
-            assert_same(gacc, stock, rtol=1e-6, what=f"{case}: gacc against Fabric's stock FSDP2 run")
-            assert_same(gacc, big, rtol=2e-6, what=f"{case}: gacc against the float64 large-batch run")
-
-
-def test_fabric_ddp_matches_fabric_stock_ddp(tmp_path):
-    """strategy="ddp" on two gloo processes, Fabric's loop with no_backward_sync and a short last window,
-    with and without / K and the clip: the optimizer's grads are Fabric's stock DDP run's (which all-reduces
-    at the synced micro-step), not zeros (gacc must find the DDP wrapper inside the Fabric module and keep
-    its reducer off), and within fp32 rounding of the float64 large-batch run of both ranks' micro-batches."""
-    net = MLP()
-    results = str(tmp_path / "rank")
-    spawn(_ddp_worker, WORLD, copy.deepcopy(net), results)
-    ranks = [torch.load(f"{results}.{r}") for r in range(WORLD)]
-    per_rank = [rank_batches(r) for r in range(WORLD)]
-    for divide, clip in DDP_CASES:
-        big = large_batch_run(copy.deepcopy(net), per_rank, divide, clip)
-        for rank, out in enumerate(ranks):
-            gacc, stock = out[divide, clip, True], out[divide, clip, False]
-            case = f"rank {rank}, divide={divide}, clip={clip}"
+            case = f"{strategy}, rank {rank}, divide={divide}, clip={clip}"
             for step, grads in enumerate(gacc[0]):
                 assert all(g.abs().max() > 0 for g in grads), f"{case}, step {step}: all-zero grads"
-            assert_same(gacc, stock, rtol=1e-6, what=f"{case}: gacc against Fabric's stock DDP run")
+            assert_same(gacc, stock, rtol=1e-6, what=f"{case}: gacc against Fabric's stock run")
             assert_same(gacc, big, rtol=2e-6, what=f"{case}: gacc against the float64 large-batch run")
-            assert_same(stock, big, rtol=2e-6, what=f"{case}: Fabric's stock DDP against the float64 run")
+            assert_same(stock, big, rtol=2e-6, what=f"{case}: Fabric's stock run against the float64 run")
             if clip is not None:
                 assert all(n > clip for n in gacc[1])
 
