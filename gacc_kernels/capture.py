@@ -83,15 +83,14 @@ class Capture:
         plain_copies(self.model, undo, forward_hook=handle.id)
 
     def watch_unsharded(self, find, undo: contextlib.ExitStack) -> None:
-        """FSDP2: hook the unsharded parameters that `find()` reports as (id of the sharded parameter,
-        unsharded parameter), at each forward (FSDP makes them at its first all-gather)."""
+        """FSDP2: hook the unsharded parameters that `find()` reports as (slot, unsharded parameter), at
+        each forward (FSDP makes them at its first all-gather)."""
         self._find_unsharded = find
         undo.callback(lambda: [h.remove() for h in self._unsharded_hooks])
 
     def _hook_unsharded(self) -> None:
-        slots = {id(s.param): s for s in self.slots}
-        for key, param in self._find_unsharded():
-            hook = functools.partial(self._on_unsharded_grad, slots[key])
+        for slot, param in self._find_unsharded():
+            hook = functools.partial(self._on_unsharded_grad, slot)
             self._unsharded_hooks.append(param.register_post_accumulate_grad_hook(hook))
 
     def add_route(self, slot: Slot, route: int, undo: contextlib.ExitStack) -> None:

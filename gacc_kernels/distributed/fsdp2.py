@@ -19,6 +19,7 @@ from ..kernels import ops
 from ..kernels.reference import CHUNK
 from ..layout import DeviceBuffer, Slot
 from .reducer import LocalReducer, RanksDisagree
+from .tp import sq_norm_counted_once
 
 # torch 2.14 renamed reduce_scatter_tensor (deprecated there); 2.11 has only the old name
 _REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -113,7 +114,10 @@ class ShardedReducer(LocalReducer):
         self.unsharded: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.bucket_of = {id(s): i for i, b in enumerate(buffer.buckets) for s in b.slots}
         self.cuts = {id(s): s.param.placements[fsdp_dim].dim for s in buffer.slots}  # the dim FSDP shards
-        self.hooked: set[int] = set()  # FSDP parameters whose unsharded parameter gacc has hooked
+        managed = {id(s.param): s for s in buffer.slots}
+        # the FSDPParams of managed parameters whose unsharded parameter gacc has not hooked yet
+        self.unhooked = [(managed[id(p.sharded_param)], p) for p in _fsdp_params(self.groups)
+                         if id(p.sharded_param) in managed]
 
     # -- the mode, from FSDP's gradient sync flag ----------------------------------------------------
 
@@ -143,15 +147,14 @@ class ShardedReducer(LocalReducer):
         """A window signal: in a no-sync window, the loop turning sync back on marks its last micro-step."""
         return self.no_sync and self._sync()
 
-    def unsharded_params(self) -> list[tuple[int, torch.nn.Parameter]]:
-        """FSDP's unsharded parameters not hooked yet, by the id of their sharded parameter (slot.param).
-        FSDP makes them at its first all-gather and keeps them."""
-        found = []
-        for fsdp_param in _fsdp_params(self.groups):
-            param = getattr(fsdp_param, "_unsharded_param", None)  # private: made at the first all-gather
-            if param is not None and id(param) not in self.hooked and param.requires_grad:
-                self.hooked.add(id(param))
-                found.append((id(fsdp_param.sharded_param), param))
+    def unsharded_params(self) -> list[tuple[Slot, torch.nn.Parameter]]:
+        """FSDP's unsharded parameters not hooked yet, with their slots. FSDP makes them at its first
+        all-gather and keeps them; once all are reported this costs nothing."""
+        found = [(slot, p._unsharded_param) for slot, p in self.unhooked  # private: the unsharded parameter
+                 if getattr(p, "_unsharded_param", None) is not None]
+        if found:
+            self.unhooked = [(slot, p) for slot, p in self.unhooked
+                             if getattr(p, "_unsharded_param", None) is None]
         return found
 
     def takes_unsharded(self) -> bool:
@@ -238,11 +241,7 @@ class ShardedReducer(LocalReducer):
         if not self.tp:
             dist.all_reduce(local, group=self.shard_group)  # the replicas hold the same shards
             return local
-        # over every rank; the parameters the tp ranks replicate are counted once
-        whole = sum((s.partials().sum() for s in self.tp_copies), torch.zeros((), device=local.device))
-        parts = torch.stack([local - whole, whole])
-        dist.all_reduce(parts)
-        return parts[0] + parts[1] / self.tp_size
+        return sq_norm_counted_once(local, self.tp_copies, None, self.tp_size)  # the tp copies, once
 
     def stats_totals(self, local):
         """Sync on: the grads came summed over the ranks, so a micro-batch is the ranks' together; q and

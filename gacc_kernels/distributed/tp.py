@@ -22,11 +22,20 @@ def replicated(param) -> bool:
     return not hasattr(param, "placements") or all(pl.is_replicate() for pl in param.placements)
 
 
+def sq_norm_counted_once(local: torch.Tensor, copies: list, group, ranks: int) -> torch.Tensor:
+    """The squared norm over `group` from this rank's (`local`): every rank's squares summed, except those
+    of `copies`, slots that all `ranks` ranks of the group hold alike, counted once. One collective."""
+    whole = sum((s.partials().sum() for s in copies), torch.zeros((), device=local.device))
+    parts = torch.stack([local - whole, whole])
+    dist.all_reduce(parts, group=group)
+    return parts[0] + parts[1] / ranks
+
+
 class TensorParallel(LocalReducer):
     fuses_last_pass = False  # found_inf is agreed after the last pass
 
     def __init__(self, mesh, buffer: DeviceBuffer):
-        self.group, self.buffer = mesh.get_group(), buffer
+        self.group, self.ranks_held = mesh.get_group(), mesh.size()
         self.copies = [s for s in buffer.slots if replicated(s.param)]
 
     def after_finalize(self, buffers):
@@ -34,10 +43,7 @@ class TensorParallel(LocalReducer):
             dist.all_reduce(buffer.found_inf, op=dist.ReduceOp.MAX, group=self.group)
 
     def global_sq_norm(self, local):
-        whole = sum((s.partials().sum() for s in self.copies), torch.zeros((), device=local.device))
-        shards = local - whole
-        dist.all_reduce(shards, group=self.group)
-        return shards + whole
+        return sq_norm_counted_once(local, self.copies, self.group, self.ranks_held)
 
     def stats_totals(self, local):
         raise RuntimeError("grad_stats under tensor parallelism is not supported yet: attach without it")
